@@ -1,0 +1,1 @@
+"""Anvil s3 package."""

@@ -1,0 +1,1 @@
+"""Anvil storage package."""

@@ -1,0 +1,3 @@
+"""
+Anvil's test suite, run with C{trial tests}.
+"""
