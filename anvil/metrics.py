@@ -1,0 +1,209 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Prometheus metrics of one Anvil node.
+
+Every metric the node exports is defined here, on a L{Metrics} object that
+owns its own L{CollectorRegistry}. Nothing is registered on
+prometheus_client's process-wide default registry, so several nodes can run
+in one process (the in-process cluster tests do) without their numbers
+mixing or their registrations colliding.
+
+Code elsewhere records at domain boundaries through the methods below (the
+web layer calls L{Metrics.observe_request} once per finished request); it
+never defines metrics of its own. Names follow
+C{anvil_<subsystem>_<thing>_<unit>} and are part of the operator contract
+(alert rules and dashboards in C{etc/} use them), so renaming one is a
+breaking change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+API_S3 = "s3"
+"""The C{api} label value of requests to the S3 API."""
+
+API_NODE = "node"
+"""The C{api} label value of the node's own endpoints (C{/}, C{/ready}, C{/metrics})."""
+
+NODE_OPERATIONS = ("Health", "Ready", "Metrics")
+"""The C{operation} label values of the node endpoints."""
+
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+"""The values the C{status} label takes."""
+
+REQUEST_DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+"""
+Upper bounds (seconds) of the request latency histogram buckets.
+
+From 1 ms (a cached HEAD or a health probe) to 60 s (a large object
+streamed to a slow client); anything longer lands in C{+Inf}, which is still
+counted in C{_count} and C{_sum}.
+"""
+
+
+def status_class(status_code: int) -> str:
+    """
+    Map an HTTP status code to the C{status} label value.
+
+    Keeping the class rather than the code bounds the label's cardinality
+    while keeping 4xx (client errors) and 5xx (our errors) apart, which is
+    what alerting needs.
+
+    @param status_code: The HTTP status code sent (or, for a request the
+        client abandoned, the pseudo-code the web layer chose).
+    @return: C{"2xx"}, C{"3xx"}, C{"4xx"} or C{"5xx"}. A final response
+        never has a 1xx code, and nothing outside 100-599 is HTTP, so any
+        code outside 200-599 can only come from a bug and counts as
+        C{"5xx"}.
+    """
+    if 200 <= status_code < 600:
+        return f"{status_code // 100}xx"
+    return "5xx"
+
+
+class Metrics:
+    """
+    The metrics of one node, on a private registry.
+
+    @ivar registry: The registry holding every collector of this node;
+        L{render} serialises it.
+    @ivar api_request_duration: Histogram C{anvil_api_request_duration_seconds}
+        with labels C{api}, C{operation}.
+    @ivar api_requests: Counter C{anvil_api_requests_total} with labels
+        C{api}, C{operation}, C{status}.
+    @ivar node_ready: Gauge C{anvil_node_ready}: 1 when the last readiness
+        check passed, 0 otherwise (also before the first check).
+    @ivar node_info: Gauge C{anvil_node_info} with labels C{version},
+        C{region}, C{node_id}; one series with value 1 once
+        L{set_node_info} was called.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        # The standard process_*, python_info and python_gc_* families,
+        # bound to this registry instead of the global one.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+        self.api_request_duration = Histogram(
+            "anvil_api_request_duration_seconds",
+            "Time from receiving a request line to the end of its response, "
+            "by API and operation.",
+            ["api", "operation"],
+            buckets=REQUEST_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        # prometheus_client appends "_total" to counters itself; the
+        # exported name is anvil_api_requests_total.
+        self.api_requests = Counter(
+            "anvil_api_requests",
+            "Finished API requests by API, operation and status class "
+            "(4xx also counts requests the client abandoned).",
+            ["api", "operation", "status"],
+            registry=self.registry,
+        )
+        self.node_ready = Gauge(
+            "anvil_node_ready",
+            "1 if the last readiness check of this node passed, else 0.",
+            registry=self.registry,
+        )
+        self.node_info = Gauge(
+            "anvil_node_info",
+            "Constant 1, labelled with this node's version, region and id.",
+            ["version", "region", "node_id"],
+            registry=self.registry,
+        )
+        self.declare_operations(API_NODE, NODE_OPERATIONS)
+
+    def declare_operations(self, api: str, operations: Iterable[str]) -> None:
+        """
+        Create the request series of known operations at zero.
+
+        A series that does not exist yet is invisible to C{rate()} and to
+        alert rules, so the first 5xx of an operation would only show up on
+        the second scrape after it. Declaring every operation (and every
+        status class) up front makes the first error count.
+
+        @param api: The C{api} label value, e.g. L{API_S3}.
+        @param operations: The operation names, e.g. C{"PutObject"}.
+        """
+        for operation in operations:
+            self.api_request_duration.labels(api, operation)
+            for status in STATUS_CLASSES:
+                self.api_requests.labels(api, operation, status)
+
+    def observe_request(
+        self, api: str, operation: str, status_code: int, seconds: float
+    ) -> None:
+        """
+        Record one finished request.
+
+        @param api: L{API_S3} or L{API_NODE}.
+        @param operation: The operation name (C{"PutObject"}, C{"Health"},
+            ...). It becomes a label value, so callers must pass one of a
+            small fixed set of names, never anything taken from the request.
+        @param status_code: The HTTP status code of the response.
+        @param seconds: How long the request took; negative values (a clock
+            stepping backwards) are recorded as 0.
+        """
+        self.api_request_duration.labels(api, operation).observe(max(seconds, 0.0))
+        self.api_requests.labels(api, operation, status_class(status_code)).inc()
+
+    def set_ready(self, ready: bool) -> None:
+        """
+        Record the outcome of the latest readiness check.
+
+        @param ready: Whether every readiness check passed.
+        """
+        self.node_ready.set(1 if ready else 0)
+
+    def set_node_info(self, version: str, region: str, node_id: str) -> None:
+        """
+        Publish this node's identity as C{anvil_node_info}.
+
+        Calling it again replaces the previous series rather than adding a
+        second one, so the family always has exactly one sample.
+
+        @param version: The Anvil version (C{anvil.__version__}).
+        @param region: The region the node serves.
+        @param node_id: The node's cluster identity.
+        """
+        self.node_info.clear()
+        self.node_info.labels(version, region, node_id).set(1)
+
+    def render(self) -> tuple[bytes, str]:
+        """
+        Serialise every metric in the Prometheus text exposition format.
+
+        @return: The body and the C{Content-Type} value to serve it with.
+        """
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
