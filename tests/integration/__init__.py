@@ -1,0 +1,3 @@
+"""
+Integration tests: real PostgreSQL, real sockets, real C{twistd} processes.
+"""
