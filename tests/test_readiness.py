@@ -27,6 +27,9 @@ class _HungCheck:
         self.cancellations = 0
 
     def __call__(self) -> Deferred[None]:
+        """
+        Start the check; it only ends by cancellation.
+        """
         self.calls += 1
 
         def cancelled(d: Deferred[None]) -> None:

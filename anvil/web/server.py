@@ -120,7 +120,11 @@ class AnvilRequest(Request):
         self.responseHeaders.setRawHeaders(b"x-amz-id-2", [self.host_id.encode("ascii")])
         # notifyFinish fires on finish() and errbacks on connectionLost()
         # before finish(), so this records every request exactly once.
-        self.notifyFinish().addBoth(self._ended)
+        self.notifyFinish().addBoth(self._ended).addErrback(
+            lambda reason: self._log.failure(
+                "Recording request {request_id} failed", reason, request_id=self.request_id
+            )
+        )
 
     def write(self, data: bytes) -> None:
         """
@@ -204,7 +208,9 @@ class AnvilSite(Site):
         )
         # The path without the query: presigned URLs carry their signature
         # in the query, and a log line must not be a usable credential.
-        path = getattr(request, "path", b"").decode("ascii", "replace")
+        # A client that hung up before its request line was parsed has no
+        # path yet.
+        path = (getattr(request, "path", None) or b"-").decode("ascii", "replace")
         address = request.getClientAddress()
         emit = self._log.debug if request.anvil_api == API_NODE else self._log.info
         emit(
