@@ -30,9 +30,10 @@ class AnvilError(Exception):
 
 def _describe(kind: str, name: str, context: str | None) -> str:
     """
-    Render C{kind 'name'} plus an optional qualifier such as C{for app 'a'}.
+    Render C{Kind 'name'} plus an optional qualifier such as C{for app 'a'},
+    capitalised to start a sentence.
     """
-    text = f"{kind} {name!r}"
+    text = f"{kind[:1].upper()}{kind[1:]} {name!r}"
     if context:
         text += f" {context}"
     return text

@@ -152,6 +152,7 @@ class _Slot:
     def __init__(self, index: int) -> None:
         self.index = index
         self.connection: _Connection | None = None
+        self.opening: _Connection | None = None
         self.state = "connecting"
         self.delays: Iterator[float] | None = None
         self.retry: IDelayedCall | None = None
@@ -373,6 +374,9 @@ class Database:
                 slot.retry.cancel()
             if slot.connection is not None and previous != "closed":
                 _close_quietly(slot.connection)
+            if slot.opening is not None:
+                # Fails the pending connect, which then sees the pool closed.
+                _close_quietly(slot.opening)
 
     # -- lending connections -------------------------------------------
 
@@ -563,6 +567,7 @@ class Database:
             _close_quietly(connection)
 
         timer = self._clock.callLater(self._connect_timeout, expire)
+        slot.opening = connection
         try:
             await connection.connect(self._dsn)
         except Exception as e:
@@ -575,6 +580,7 @@ class Database:
                 _sentence(f"Cannot connect to {self.description}: {detail}")
             ) from None
         finally:
+            slot.opening = None
             if timer.active():
                 timer.cancel()
         return connection
