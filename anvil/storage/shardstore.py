@@ -55,7 +55,7 @@ from twisted.logger import Logger
 from anvil.storage.erasure import ErasureParams
 from anvil.storage.shardfile import BadShardHeader, ShardHeader, ShardReader, ShardWriter
 
-__all__ = ["LocalShardStore", "ShardNotFound", "ShardLocation", "DirCapacity"]
+__all__ = ["LocalShardStore", "ShardNotFound", "ShardLocation", "DirCapacity", "rank_dirs"]
 
 _SHARD_NAME = re.compile(r"([0-9a-f]{64})\.([0-9]{1,3})")
 _TMP_SUFFIX = ".tmp"
@@ -107,6 +107,24 @@ class DirCapacity:
     available_bytes: int
 
 
+def rank_dirs(placement_key: bytes, dirs: Sequence[str]) -> list[str]:
+    """
+    Rendezvous (highest-random-weight) ranking of directories for a key.
+
+    Weights are seeded with each directory's path, so the ranking is stable
+    across restarts and independent of the configuration order.
+
+    @param placement_key: A content hash or an upload key.
+    @param dirs: Absolute directory paths.
+    @return: C{dirs}, best first.
+    """
+
+    def weight(d: str) -> bytes:
+        return hashlib.sha256(placement_key + b"\0" + d.encode("utf-8", "surrogateescape")).digest()
+
+    return sorted(dirs, key=weight, reverse=True)
+
+
 def _check_hash(content_hash: bytes) -> str:
     if not isinstance(content_hash, bytes) or len(content_hash) != 32:
         raise ValueError("content_hash must be a 32-byte SHA-256 digest")
@@ -136,9 +154,6 @@ class LocalShardStore:
         if len(set(real)) != len(real):
             raise ValueError(f"data directories must be distinct: {list(data_dirs)}")
         self.data_dirs: tuple[str, ...] = tuple(dirs)
-        # Rendezvous weights are seeded with each directory's path: stable
-        # across restarts and independent of configuration order.
-        self._dir_ids = {d: d.encode("utf-8", "surrogateescape") for d in dirs}
         self._active: set[str] = set()
         self._lock = threading.Lock()
         for d in dirs:
@@ -154,11 +169,7 @@ class LocalShardStore:
         @param placement_key: A content hash or an upload key.
         @return: All data directories, best first.
         """
-
-        def weight(d: str) -> bytes:
-            return hashlib.sha256(placement_key + b"\0" + self._dir_ids[d]).digest()
-
-        return sorted(self.data_dirs, key=weight, reverse=True)
+        return rank_dirs(placement_key, self.data_dirs)
 
     def dir_for(self, placement_key: bytes, shard_index: int) -> str:
         """
@@ -390,7 +401,7 @@ class LocalShardStore:
         return self.capacity(data_dir).used_bytes
 
     def _check_dir(self, data_dir: str) -> None:
-        if os.path.abspath(data_dir) not in self._dir_ids:
+        if os.path.abspath(data_dir) not in self.data_dirs:
             raise ValueError(f"{data_dir} is not a data directory of this store")
 
 
