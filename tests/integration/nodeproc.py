@@ -75,9 +75,13 @@ def http(method: str, url: str, timeout: float = 10.0) -> tuple[int, dict[str, s
     request = urllib.request.Request(url, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, _lower(response.headers), response.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, _lower(e.headers), e.read()
+
+
+def _lower(headers: object) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}  # type: ignore[attr-defined]
 
 
 class NodeProcess:

@@ -1,0 +1,251 @@
+# -*- test-case-name: tests.integration.test_twistd -*-
+"""
+The node: builds and orders the service tree of one C{twistd anvil} process.
+
+Children start in dependency order and, because L{MultiService} stops its
+children in reverse, stop in the opposite order:
+
+  1. metadata: the embedded PostgreSQL (when no URLs are configured), the
+     global and regional connection pools, migrations;
+  2. workers (background loops; they arrive with the task queue);
+  3. the API listener, last to start and first to stop, so on SIGTERM the
+     node stops accepting requests before anything they need goes away.
+
+Start-up I/O is asynchronous (L{NodeService._start}); a failure there is
+logged as one sentence and ends the process with a non-zero status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
+
+from anvil import __version__
+from anvil.bootstrap import ensure_region, first_start
+from anvil.cluster.membership import Member, Membership, load_or_create_node_id
+from anvil.config import NodeConfig
+from anvil.errors import AnvilError
+from anvil.logs import json_observer
+from anvil.meta.connect import Metadata, open_metadata
+from anvil.metrics import Metrics
+from anvil.web.listener import DrainingListener, track_channels
+from anvil.web.readiness import Readiness
+from anvil.web.root import RootResource
+from anvil.web.server import AnvilSite
+
+
+class MetadataService(Service):
+    """
+    Owns the metadata connections; stopping it closes them and stops the
+    embedded PostgreSQL if this node started it.
+    """
+
+    def __init__(self, metadata: Metadata) -> None:
+        self.setName("metadata")
+        self.metadata = metadata
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self.metadata.close(stop_embedded=True))
+
+
+class NodeService(MultiService):
+    """
+    One Anvil node.
+
+    @ivar node_id: this node's id, once started.
+    @ivar api_port: the API listener's port number, once listening.
+    @ivar ready: fires when the node serves requests.
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: NodeConfig, reactor: Any) -> None:
+        """
+        @param config: the validated configuration.
+        @param reactor: the reactor (clock, endpoints, threads).
+        """
+        super().__init__()
+        self.setName("anvil")
+        self._config = config
+        self._reactor = reactor
+        self.metrics = Metrics()
+        self.node_id: str | None = None
+        self.api_port: int | None = None
+        self._starting: Deferred[None] | None = None
+        self.failed = False
+        self.ready: Deferred[None] = Deferred()
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        Attach to the twistd application, installing the JSON log observer
+        there when configured (twistd picks it up before logging starts).
+        """
+        super().setServiceParent(parent)
+        if self._config.node.log_format == "json" and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, json_observer())
+
+    def startService(self) -> None:
+        """
+        Start the node; the real work is asynchronous (L{_start}).
+        """
+        super().startService()
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addCallbacks(self.ready.callback, self._start_failed)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop the children in reverse order, after any start in progress has
+        settled (so an embedded PostgreSQL being started is also stopped).
+        """
+        starting = self._starting if self._starting is not None else succeed(None)
+        self._exit_zero_after_sigterm()
+
+        async def stop() -> None:
+            if not starting.called:
+                await starting
+            await MultiService.stopService(self)
+
+        return Deferred.fromCoroutine(stop())
+
+    def _exit_zero_after_sigterm(self) -> None:
+        """
+        SIGTERM is how systemd and orchestrators ask a node to stop; a node
+        that then shuts down cleanly exits with status 0.  twistd would
+        instead re-raise the signal after shutdown (so the exit status says
+        "killed by SIGTERM"): forget the signal it recorded.
+        """
+        if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
+            self._reactor._exitSignal = None
+
+    async def _start(self) -> None:
+        config = self._config
+        self._log.info(
+            "Anvil {version} starting (data dir {data_dir}, region {region}, "
+            "{mode} PostgreSQL)",
+            version=__version__,
+            data_dir=config.node.data_dir,
+            region=config.node.region,
+            mode="embedded" if config.embedded else "external",
+        )
+        metadata = await open_metadata(config, self._reactor)
+        MetadataService(metadata).setServiceParent(self)
+        await ensure_region(metadata.global_store, config.node.region)
+
+        self.node_id = node_id = load_or_create_node_id(config.node.data_dir)
+        membership = Membership(
+            Member(
+                node_id=node_id,
+                region=config.node.region,
+                api_addr=config.api.public_addr,
+                cluster_addr=(config.cluster.public_addrs or ("",))[0],
+            )
+        )
+        self.membership = membership
+        self.metrics.set_node_info(
+            version=__version__, region=config.node.region, node_id=node_id
+        )
+
+        async def membership_check() -> None:
+            if not membership.alive():
+                raise AnvilError("no alive member")
+
+        timeout = config.database.ready_timeout
+        readiness = Readiness(
+            [
+                ("global database", lambda: metadata.global_db.ping(timeout)),
+                ("regional database", lambda: metadata.regional_db.ping(timeout)),
+                ("membership", membership_check),
+            ],
+            timeout=timeout,
+            clock=self._reactor,
+        )
+        root = RootResource(readiness, self.metrics)
+        site = AnvilSite(root, self.metrics, self._reactor)
+        channels = track_channels(site)
+        endpoint = serverFromString(self._reactor, config.api.listen)
+        try:
+            port = await endpoint.listen(site)
+        except Exception as e:
+            raise AnvilError(
+                f"api.listen {config.api.listen!r}: cannot listen: {e}"
+            ) from None
+        self.api_port = port.getHost().port
+        DrainingListener(
+            port, channels, self._reactor, config.node.shutdown_timeout
+        ).setServiceParent(self)
+        endpoint_url = self.api_url(port.getHost())
+        if not config.api.public_addr:
+            membership.set_local(api_addr=endpoint_url)
+
+        if config.embedded:
+            await first_start(
+                metadata.global_store,
+                config.node.data_dir,
+                config.node.region,
+                endpoint_url,
+            )
+        self._log.info(
+            "Anvil node {node_id} serving S3 on {url}", node_id=node_id, url=endpoint_url
+        )
+
+    def api_url(self, host: Any) -> str:
+        """
+        The URL clients use for this node: C{api.public_addr}, or one made
+        from the address the listener is bound to.
+        """
+        if self._config.api.public_addr:
+            return self._config.api.public_addr.rstrip("/")
+        scheme = "https" if self._config.api.listen.startswith("ssl:") else "http"
+        address = getattr(host, "host", "127.0.0.1")
+        if address in ("0.0.0.0", "", "::"):
+            address = "127.0.0.1"
+        if ":" in address:
+            address = f"[{address}]"
+        return f"{scheme}://{address}:{host.port}"
+
+    def _start_failed(self, failure: Failure) -> None:
+        """
+        Report a start-up failure as one sentence and end the process with
+        status 1 once the reactor has shut down (stopping what did start).
+        """
+        if isinstance(failure.value, (AnvilError, OSError)):
+            self._log.critical("Anvil cannot start: {reason}", reason=str(failure.value))
+            _stderr(f"anvil: cannot start: {failure.value}")
+        else:
+            self._log.failure("Anvil cannot start", failure)
+            _stderr(f"anvil: cannot start: {failure.getErrorMessage()}")
+        self.failed = True
+
+        def exit_with_failure() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # twistd has no way to set the exit status; shut down normally
+            # first (every started service has stopped by now), then exit.
+            os._exit(1)
+
+        self._reactor.addSystemEventTrigger("after", "shutdown", exit_with_failure)
+        if self._reactor.running:
+            self._reactor.stop()
+        else:
+            self._reactor.callWhenRunning(self._reactor.stop)
+
+
+def _stderr(line: str) -> None:
+    """
+    Write one line to the process's real standard error: twistd redirects
+    C{sys.stderr} into the log, but an operator starting the node by hand
+    (or a supervisor capturing stderr) must see why it did not start.
+    """
+    stream = sys.__stderr__
+    if stream is not None:
+        stream.write(line + "\n")
+        stream.flush()
