@@ -342,3 +342,39 @@ class ThreadedCpuPoolTests(TestCase):
             self.assertEqual(await self.pool.run(int, "7"), 7)
 
         return Deferred.fromCoroutine(check())
+
+
+class PipelineBenchTests(SynchronousTestCase):
+    """
+    Smoke test for C{bench/pipeline.py}, so the benchmark keeps working.
+    """
+
+    def test_prints_one_line_per_figure(self) -> None:
+        """
+        A tiny run prints a comment line then C{name: N MB/s} lines for the
+        hashes, the codec and the combined pipeline.
+        """
+        import contextlib
+        import importlib.util
+        import io
+        import re
+
+        path = os.path.join(os.path.dirname(__file__), "..", "bench", "pipeline.py")
+        spec = importlib.util.spec_from_file_location("anvil_bench_pipeline", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status = module.main(["--size-mib", "2", "--k", "3", "--m", "2", "--stripe-size", "3072", "--repeat", "1"])
+        self.assertEqual(status, 0)
+        lines = out.getvalue().splitlines()
+        self.assertTrue(lines[0].startswith("# 2 MiB"))
+        names = []
+        for line in lines[1:]:
+            match = re.fullmatch(r"(.+): (\d+) MB/s", line)
+            assert match is not None, line
+            names.append(match.group(1))
+        self.assertEqual(names[:2], ["md5", "sha256"])
+        self.assertIn("zfec encode 3+2 (ErasureCodec.encode_stripe)", names)
+        self.assertIn("md5+sha256+encode+crc32, 2 threads, 2 streams", names)
