@@ -23,6 +23,10 @@ from anvil.storage.erasure import (
     NotEnoughBlocks,
 )
 
+def _parse(text: str) -> int:
+    return int(text)
+
+
 _settings = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -237,7 +241,11 @@ class SynchronousCpuPoolTests(SynchronousTestCase):
         The synchronous pool runs the function on the calling thread at once.
         """
         pool = CpuPool.synchronous()
-        d = pool.run(lambda a, b=0: (threading.get_ident(), a + b), 1, b=2)
+
+        def add(a: int, b: int = 0) -> tuple[int, int]:
+            return threading.get_ident(), a + b
+
+        d = pool.run(add, 1, b=2)
         self.assertEqual(self.successResultOf(d), (threading.get_ident(), 3))
         self.assertTrue(pool.is_synchronous)
 
@@ -315,11 +323,11 @@ class ThreadedCpuPoolTests(TestCase):
         """
         return Deferred.fromCoroutine(self._off_reactor())
 
-    def test_failure_propagates(self) -> Deferred[None]:
+    def test_failure_propagates(self) -> Deferred[int]:
         """
         An exception in the worker thread fails the Deferred.
         """
-        return self.assertFailure(self.pool.run(int, "x"), ValueError)
+        return self.assertFailure(self.pool.run(_parse, "x"), ValueError)
 
     def test_stop_waits_for_pending(self) -> Deferred[None]:
         """
@@ -339,7 +347,7 @@ class ThreadedCpuPoolTests(TestCase):
             self.assertEqual(self.pool.pending, 0)
             await self.assertFailure(self.pool.run(int, "1"), PoolStopped)
             self.pool.startService()
-            self.assertEqual(await self.pool.run(int, "7"), 7)
+            self.assertEqual(await self.pool.run(_parse, "7"), 7)
 
         return Deferred.fromCoroutine(check())
 

@@ -146,7 +146,7 @@ class CpuPool(Service):
         """
         Start the worker threads (they are created on demand, up to the bound).
         """
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False
         if self._pool is not None:
             if self._pool.joined:
@@ -160,7 +160,7 @@ class CpuPool(Service):
 
         @return: A Deferred that fires once the threads are gone.
         """
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
         # consumeErrors: the callers see their own failures; shutdown only
         # waits for completion and must not log them a second time.
