@@ -360,7 +360,9 @@ class AwsChunkedDecoder:
         self._trailer_bytes += len(line)
         if self._trailer_bytes > MAX_TRAILER_SECTION:
             raise MalformedTrailerError("The trailer section is too large.")
-        text = line.rstrip(b"\r\n")
+        if not line.endswith(b"\r\n"):
+            raise MalformedTrailerError("Trailer lines must end with CRLF.")
+        text = line[:-2]
         if not text:
             self._complete_trailers()
             self._state = _DONE
