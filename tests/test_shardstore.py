@@ -205,6 +205,38 @@ class LocalShardStoreTests(StoreTestsMixin, SynchronousTestCase):
         self.assertEqual((e.exception.content_hash, e.exception.shard_index), (digest, 0))
         self.assertIsNone(store.locate(digest, 0))
 
+    def test_commit_all(self) -> None:
+        """
+        commit_all commits every shard of a content and returns their
+        locations in order.
+        """
+        store = self.make_store(1)
+        data = os.urandom(60)
+        digest = hashlib.sha256(data).digest()
+        writers = [store.open_writer(i, PARAMS, digest) for i in range(6)]
+        for writer, block in zip(writers, ErasureCodec(PARAMS).encode_stripe(data)):
+            writer.write_block(block)
+        locations = store.commit_all(writers, digest, len(data))
+        self.assertEqual([loc.shard_index for loc in locations], list(range(6)))
+        self.assertEqual(self.get(store, digest, [2, 3, 4, 5]), data)
+        self.assertEqual(os.listdir(os.path.join(store.data_dirs[0], "tmp")), [])
+
+    def test_commit_all_failure_aborts_all(self) -> None:
+        """
+        When one shard cannot be finished, commit_all commits none and
+        removes every temporary file.
+        """
+        store = self.make_store(2)
+        data = os.urandom(64)
+        digest = hashlib.sha256(data).digest()
+        writers = [store.open_writer(i, PARAMS, digest) for i in range(6)]
+        for writer, block in zip(writers[:5], ErasureCodec(PARAMS).encode_stripe(data)):
+            writer.write_block(block)
+        self.assertRaises(ValueError, store.commit_all, writers, digest, len(data))
+        self.assertEqual(list(store.list_shards()), [])
+        for d in store.data_dirs:
+            self.assertEqual(os.listdir(os.path.join(d, "tmp")), [])
+
     def test_temporary_not_visible(self) -> None:
         """
         A shard being written is neither readable nor listed until committed.

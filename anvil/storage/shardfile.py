@@ -75,6 +75,7 @@ __all__ = [
     "ShardReader",
     "CorruptShard",
     "BadShardHeader",
+    "fsync_dir",
 ]
 
 MAGIC = b"ANVILSHD"
@@ -365,7 +366,7 @@ class ShardWriter:
         self._header = header
         return header
 
-    def commit(self, final_path: str) -> None:
+    def commit(self, final_path: str, sync_dir: bool = True) -> None:
         """
         Rename the finished file to C{final_path} and make that durable.
 
@@ -373,6 +374,9 @@ class ShardWriter:
         upload of the same content writes identical bytes).
 
         @param final_path: The committed name, on the same filesystem.
+        @param sync_dir: Whether to fsync the directory now; a caller
+            committing several shards into one directory passes C{False} and
+            calls L{fsync_dir} once afterwards.
         @raise ValueError: L{finish} was not called.
         """
         self._check_open()
@@ -385,8 +389,9 @@ class ShardWriter:
             parent = os.path.dirname(final_path)
             _make_dirs_durable(parent)
             os.replace(self.path, final_path)
-            # The rename is only durable once the directory entry is.
-            _fsync_dir(parent)
+            if sync_dir:
+                # The rename is only durable once the directory entry is.
+                fsync_dir(parent)
         except BaseException:
             self.abort()
             raise
@@ -428,7 +433,12 @@ class ShardWriter:
         self.abort()
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """
+    Make a directory's entries (creations, renames) durable.
+
+    @param path: The directory.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -450,7 +460,7 @@ def _make_dirs_durable(path: str) -> None:
         os.mkdir(path)
     except FileExistsError:
         return
-    _fsync_dir(parent or ".")
+    fsync_dir(parent or ".")
 
 
 class ShardReader:

@@ -53,7 +53,13 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from anvil.storage.erasure import ErasureParams
-from anvil.storage.shardfile import BadShardHeader, ShardHeader, ShardReader, ShardWriter
+from anvil.storage.shardfile import (
+    BadShardHeader,
+    ShardHeader,
+    ShardReader,
+    ShardWriter,
+    fsync_dir,
+)
 
 __all__ = ["LocalShardStore", "ShardNotFound", "ShardLocation", "DirCapacity", "rank_dirs"]
 
@@ -251,6 +257,48 @@ class LocalShardStore:
             writer.abort()
             raise
         return ShardLocation(data_dir, content_hash, writer.shard_index, final)
+
+    def commit_all(
+        self, writers: Sequence[ShardWriter], content_hash: bytes, content_length: int
+    ) -> list[ShardLocation]:
+        """
+        Commit several shards of one content with fewer fsyncs.
+
+        Each file is still fsynced, but each directory only once after all
+        the renames: with a single data directory a 4+2 content costs 7
+        fsyncs instead of 12, and fsync, not CPU, bounds small-object writes.
+
+        If a step fails, the writers not yet renamed are aborted and the
+        error is raised; shards already renamed stay (complete and valid,
+        they are orphans for the garbage collector unless the content is
+        recorded).
+
+        @param writers: Writers from L{open_writer}, all blocks written.
+        @param content_hash: SHA-256 digest of the whole content.
+        @param content_length: Bytes in the whole content.
+        @return: Where the shards now are, in the order of C{writers}.
+        """
+        locations: list[ShardLocation] = []
+        try:
+            for writer in writers:
+                if writer.header is None:
+                    writer.finish(content_hash, content_length)
+                elif writer.header.content_hash != content_hash:
+                    raise ValueError("writer was finished with another content hash")
+            parents: dict[str, None] = {}
+            for writer in writers:
+                data_dir = os.path.dirname(os.path.dirname(writer.path))
+                final = self.shard_path(data_dir, content_hash, writer.shard_index)
+                writer.commit(final, sync_dir=False)
+                parents[os.path.dirname(final)] = None
+                locations.append(ShardLocation(data_dir, content_hash, writer.shard_index, final))
+            for parent in parents:
+                fsync_dir(parent)
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        return locations
 
     # -- reading ---------------------------------------------------------
 
