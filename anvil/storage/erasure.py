@@ -20,9 +20,12 @@ L{anvil.storage.cpu.CpuPool}, never on the reactor thread::
     blocks = await cpu.run(codec.encode_stripe, stripe)
 
 Copies are avoided on the hot path: the data blocks of a full stripe are
-read-only C{memoryview}s into the caller's buffer (copying them into new
-C{bytes} objects costs about a third of zfec's own time per stripe, see
-C{bench/pipeline.py}); only padded blocks and parity blocks are new objects.
+C{memoryview}s into the caller's buffer (read-only for C{bytes}); only
+padded blocks and parity blocks are new objects. Copying the data blocks
+into new C{bytes} cut encode throughput by a quarter to a half in
+C{bench/pipeline.py} on the 2-core machine, mostly page faults on freshly
+mapped 256 KiB buffers (glibc serves allocations over its mmap threshold
+with fresh mappings).
 """
 
 from __future__ import annotations
