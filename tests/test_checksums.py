@@ -238,7 +238,10 @@ class HeaderTests(SynchronousTestCase):
     def test_trailer(self) -> None:
         """x-amz-trailer announces a trailing checksum."""
         spec = checksum_from_headers(
-            {"x-amz-trailer": "x-amz-checksum-crc64nvme", "x-amz-sdk-checksum-algorithm": "CRC64NVME"}
+            {
+                "x-amz-trailer": "x-amz-checksum-crc64nvme",
+                "x-amz-sdk-checksum-algorithm": "CRC64NVME",
+            }
         )
         self.assertEqual(spec, ChecksumSpec("CRC64NVME", None, True))
 
@@ -354,7 +357,12 @@ class ContentMd5Tests(SynchronousTestCase):
 
     def test_malformed(self) -> None:
         """Values that are not the base64 of 16 bytes are InvalidDigest, at once."""
-        for value in ("", "abc", "not base64!", base64.b64encode(b"x" * 15).decode(),
-                      hashlib.md5(b"a").hexdigest()):
+        for value in (
+            "",
+            "abc",
+            "not base64!",
+            base64.b64encode(b"x" * 15).decode(),
+            hashlib.md5(b"a").hexdigest(),
+        ):
             self.assertRaises(InvalidDigest, ContentMd5, value)
             self.assertRaises(InvalidDigest, parse_content_md5, value)

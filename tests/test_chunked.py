@@ -11,14 +11,14 @@ import hashlib
 import io
 import zlib
 
+import botocore.auth
+import botocore.crt.auth
 from botocore import httpchecksum
 from botocore.httpchecksum import AwsChunkedWrapper
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-import botocore.auth
-import botocore.crt.auth
 from anvil.s3 import sigv4
 from anvil.s3.checksums import ChecksumSpec, ChecksumVerifier, checksum, checksum_from_headers
 from anvil.s3.chunked import (
@@ -58,9 +58,7 @@ _MODES = {
     "unsigned-trailer": PayloadMode.STREAMING_UNSIGNED_TRAILER,
 }
 
-_settings = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+_settings = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _signer() -> ChunkSigner:
@@ -101,7 +99,11 @@ def decoder(
     verifier = ChecksumVerifier(ChecksumSpec(algorithm, None, True)) if mode.has_trailer else None
     signer = _signer() if mode.signed_chunks else None
     return AwsChunkedDecoder(
-        mode, signer=signer, expected_length=length, checksum=verifier, **kwargs  # type: ignore[arg-type]
+        mode,
+        signer=signer,
+        expected_length=length,
+        checksum=verifier,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -138,9 +140,17 @@ class DocumentationExampleTests(SynchronousTestCase):
             ]
         )
         body = (
-            b"10000;chunk-signature=" + signatures[0].encode() + b"\r\n" + b"a" * 65536
-            + b"\r\n400;chunk-signature=" + signatures[1].encode() + b"\r\n" + b"a" * 1024
-            + b"\r\n0;chunk-signature=" + signatures[2].encode() + b"\r\n"
+            b"10000;chunk-signature="
+            + signatures[0].encode()
+            + b"\r\n"
+            + b"a" * 65536
+            + b"\r\n400;chunk-signature="
+            + signatures[1].encode()
+            + b"\r\n"
+            + b"a" * 1024
+            + b"\r\n0;chunk-signature="
+            + signatures[2].encode()
+            + b"\r\n"
         )
         if trailer:
             body += (
@@ -159,25 +169,29 @@ class DocumentationExampleTests(SynchronousTestCase):
             "x-amz-decoded-content-length": "66560",
         }
         if trailer:
-            headers.update({
-                "x-amz-content-sha256": sigv4.STREAMING_SIGNED_TRAILER,
-                "x-amz-trailer": "x-amz-checksum-crc32c",
-                "Authorization": _doc_auth(
-                    "106e2a8a18243abcf37539882f36619c00e2dfc72633413f02d3b74544bfeb8e",
-                    "content-encoding;host;x-amz-content-sha256;x-amz-date;"
-                    "x-amz-decoded-content-length;x-amz-storage-class;x-amz-trailer",
-                ),
-            })
+            headers.update(
+                {
+                    "x-amz-content-sha256": sigv4.STREAMING_SIGNED_TRAILER,
+                    "x-amz-trailer": "x-amz-checksum-crc32c",
+                    "Authorization": _doc_auth(
+                        "106e2a8a18243abcf37539882f36619c00e2dfc72633413f02d3b74544bfeb8e",
+                        "content-encoding;host;x-amz-content-sha256;x-amz-date;"
+                        "x-amz-decoded-content-length;x-amz-storage-class;x-amz-trailer",
+                    ),
+                }
+            )
         else:
-            headers.update({
-                "x-amz-content-sha256": sigv4.STREAMING_SIGNED,
-                "Content-Length": "66824",
-                "Authorization": _doc_auth(
-                    "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9",
-                    "content-encoding;content-length;host;x-amz-content-sha256;x-amz-date;"
-                    "x-amz-decoded-content-length;x-amz-storage-class",
-                ),
-            })
+            headers.update(
+                {
+                    "x-amz-content-sha256": sigv4.STREAMING_SIGNED,
+                    "Content-Length": "66824",
+                    "Authorization": _doc_auth(
+                        "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9",
+                        "content-encoding;content-length;host;x-amz-content-sha256;x-amz-date;"
+                        "x-amz-decoded-content-length;x-amz-storage-class",
+                    ),
+                }
+            )
         mapped = header_map(headers)
         auth = parse_request_auth("PUT", b"/examplebucket/chunkObject.txt", b"", mapped)
         assert auth is not None
@@ -226,8 +240,17 @@ class BotocoreBodyTests(SynchronousTestCase):
         """botocore's AwsChunkedWrapper bodies decode for every checksum it supports."""
         payload = bytes(range(256)) * 40
         for name, cls in httpchecksum._CHECKSUM_CLS.items():
-            if name.upper() not in ("CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256", "SHA512",
-                                    "XXHASH64", "XXHASH3", "XXHASH128"):
+            if name.upper() not in (
+                "CRC32",
+                "CRC32C",
+                "CRC64NVME",
+                "SHA1",
+                "SHA256",
+                "SHA512",
+                "XXHASH64",
+                "XXHASH3",
+                "XXHASH128",
+            ):
                 continue
             header = f"x-amz-checksum-{name}"
             wrapper = AwsChunkedWrapper(
@@ -333,7 +356,9 @@ class PropertyTests(SynchronousTestCase):
         mode=st.sampled_from(sorted(_MODES)),
         data=st.data(),
     )
-    def test_truncated(self, payload: bytes, chunk_size: int, mode: str, data: st.DataObject) -> None:
+    def test_truncated(
+        self, payload: bytes, chunk_size: int, mode: str, data: st.DataObject
+    ) -> None:
         """A body cut anywhere before its final line is rejected."""
         body = encode(payload, chunk_size, _MODES[mode])
         cut = data.draw(st.integers(min_value=0, max_value=len(body) - 3))
@@ -347,17 +372,29 @@ class FramingErrorTests(SynchronousTestCase):
     Malformed framing gets a clear S3 error.
     """
 
-    def feed_all(self, body: bytes, mode: PayloadMode = PayloadMode.STREAMING_UNSIGNED_TRAILER,
-                 length: int | None = None) -> None:
-        d = AwsChunkedDecoder(mode, signer=_signer() if mode.signed_chunks else None,
-                              expected_length=length)
+    def feed_all(
+        self,
+        body: bytes,
+        mode: PayloadMode = PayloadMode.STREAMING_UNSIGNED_TRAILER,
+        length: int | None = None,
+    ) -> None:
+        d = AwsChunkedDecoder(
+            mode, signer=_signer() if mode.signed_chunks else None, expected_length=length
+        )
         d.feed(body)
         d.finish()
 
     def test_bad_sizes(self) -> None:
         """Chunk sizes that are not 1-16 hex digits are InvalidRequest."""
-        for header in (b"zz\r\n", b"-1\r\n", b"\r\n", b"1 \r\n", b" 1\r\n", b"0x1\r\n",
-                       b"1" * 17 + b"\r\n"):
+        for header in (
+            b"zz\r\n",
+            b"-1\r\n",
+            b"\r\n",
+            b"1 \r\n",
+            b" 1\r\n",
+            b"0x1\r\n",
+            b"1" * 17 + b"\r\n",
+        ):
             self.assertRaises(InvalidRequest, self.feed_all, header + b"a\r\n0\r\n\r\n")
 
     def test_header_line_endings(self) -> None:
@@ -381,7 +418,10 @@ class FramingErrorTests(SynchronousTestCase):
         """Signed chunks without a well-formed chunk-signature are SignatureDoesNotMatch."""
         for header in (b"1\r\n", b"1;chunk-signature=abc\r\n", b"1;other=" + b"0" * 64 + b"\r\n"):
             self.assertRaises(
-                SignatureDoesNotMatch, self.feed_all, header + b"a\r\n", PayloadMode.STREAMING_SIGNED
+                SignatureDoesNotMatch,
+                self.feed_all,
+                header + b"a\r\n",
+                PayloadMode.STREAMING_SIGNED,
             )
 
     def test_decoded_length(self) -> None:
@@ -394,8 +434,9 @@ class FramingErrorTests(SynchronousTestCase):
     def test_data_after_end(self) -> None:
         """Bytes after the end of the body are refused."""
         body = encode(b"hello", 2, PayloadMode.STREAMING_UNSIGNED_TRAILER)
-        self.assertRaises(InvalidRequest, decode, body + b"x", decoder(
-            PayloadMode.STREAMING_UNSIGNED_TRAILER, 5))
+        self.assertRaises(
+            InvalidRequest, decode, body + b"x", decoder(PayloadMode.STREAMING_UNSIGNED_TRAILER, 5)
+        )
 
     def test_sticky_failure(self) -> None:
         """After an error, every call raises the same error."""
@@ -407,10 +448,13 @@ class FramingErrorTests(SynchronousTestCase):
     def test_min_chunk_size(self) -> None:
         """With a minimum chunk size, only the last data chunk may be smaller."""
         body = encode(b"x" * 20, 8, PayloadMode.STREAMING_SIGNED)
-        self.assertEqual(decode(body, decoder(PayloadMode.STREAMING_SIGNED, 20, min_chunk_size=8)),
-                         b"x" * 20)
+        self.assertEqual(
+            decode(body, decoder(PayloadMode.STREAMING_SIGNED, 20, min_chunk_size=8)), b"x" * 20
+        )
         error = self.assertRaises(
-            InvalidChunkSizeError, decode, body,
+            InvalidChunkSizeError,
+            decode,
+            body,
             decoder(PayloadMode.STREAMING_SIGNED, 20, min_chunk_size=9),
         )
         self.assertEqual(error.extra["BadChunkSize"], "8")
@@ -466,8 +510,11 @@ class TrailerTests(SynchronousTestCase):
 
     def test_malformed_lines(self) -> None:
         """Trailer lines without a colon or CRLF are MalformedTrailerError."""
-        for section in (b"x-amz-checksum-crc32 AAAAAA==\r\n\r\n", b"x-amz-checksum-crc32:AAAAAA==\n\r\n",
-                        b"\xff:1\r\n\r\n"):
+        for section in (
+            b"x-amz-checksum-crc32 AAAAAA==\r\n\r\n",
+            b"x-amz-checksum-crc32:AAAAAA==\n\r\n",
+            b"\xff:1\r\n\r\n",
+        ):
             d = decoder(PayloadMode.STREAMING_UNSIGNED_TRAILER, 0)
             self.assertRaises(MalformedTrailerError, decode, b"0\r\n" + section, d)
 
@@ -496,13 +543,15 @@ class TrailerTests(SynchronousTestCase):
         body = encode(b"hello world", 4, PayloadMode.STREAMING_SIGNED)
         value = checksum("SHA256", b"hello world")
         d = AwsChunkedDecoder(
-            PayloadMode.STREAMING_SIGNED, signer=_signer(),
+            PayloadMode.STREAMING_SIGNED,
+            signer=_signer(),
             checksum=ChecksumVerifier(ChecksumSpec("SHA256", value, False)),
         )
         self.assertEqual(decode(body, d), b"hello world")
         self.assertEqual(d.checksum_value, value)
         d = AwsChunkedDecoder(
-            PayloadMode.STREAMING_SIGNED, signer=_signer(),
+            PayloadMode.STREAMING_SIGNED,
+            signer=_signer(),
             checksum=ChecksumVerifier(ChecksumSpec("SHA256", checksum("SHA256", b"x"), False)),
         )
         self.assertRaises(BadDigest, decode, body, d)
@@ -536,7 +585,7 @@ class StreamingTests(SynchronousTestCase):
                 self.assertEqual(d.verified_length, 0)
             self.assertLessEqual(len(d._buffer), 2)
         self.assertEqual(d.verified_length, len(payload))
-        self.assertEqual(d.feed(body[header_end + len(payload):]), [])
+        self.assertEqual(d.feed(body[header_end + len(payload) :]), [])
         d.finish()
 
     def test_verified_length(self) -> None:

@@ -10,18 +10,19 @@ from __future__ import annotations
 import calendar
 import hashlib
 import hmac
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote, urlsplit
 
+import botocore.auth
+import botocore.crt.auth
 from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.crt.auth import CrtS3SigV4Auth, CrtS3SigV4QueryAuth
 from twisted.trial.unittest import SynchronousTestCase
 
-import botocore.auth
-import botocore.crt.auth
 from anvil.s3 import sigv4
 from anvil.s3.errors import (
     AccessDenied,
@@ -55,7 +56,7 @@ DOC_TIME = calendar.timegm((2013, 5, 24, 0, 0, 0))
 
 KEY = "AKIDANVILTEST"
 SECRET = "s3cr3t/with+chars=and~more"
-SIGNING_TIME = datetime(2026, 3, 1, 12, 34, 56, tzinfo=timezone.utc)
+SIGNING_TIME = datetime(2026, 3, 1, 12, 34, 56, tzinfo=UTC)
 NOW = SIGNING_TIME.timestamp()
 
 # Keys that exercise path encoding: spaces, '+', '%', unicode, dot
@@ -71,7 +72,7 @@ AWKWARD_KEYS = [
     "//double//slashes//",
     "reserved !#$&'()*,;=@[]:?",
     "tilde~and_under-score.",
-    "emoji \U0001F600",
+    "emoji \U0001f600",
 ]
 
 
@@ -188,43 +189,58 @@ class DocumentationExampleTests(SynchronousTestCase):
 
     def test_get_object(self) -> None:
         """Example: GET Object with a Range header."""
-        self.check("GET", b"/test.txt", b"", {
-            "Host": "examplebucket.s3.amazonaws.com",
-            "Range": "bytes=0-9",
-            "x-amz-content-sha256": EMPTY_SHA256,
-            "x-amz-date": "20130524T000000Z",
-            "Authorization": _doc_auth(
-                "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41",
-                "host;range;x-amz-content-sha256;x-amz-date",
-            ),
-        })
+        self.check(
+            "GET",
+            b"/test.txt",
+            b"",
+            {
+                "Host": "examplebucket.s3.amazonaws.com",
+                "Range": "bytes=0-9",
+                "x-amz-content-sha256": EMPTY_SHA256,
+                "x-amz-date": "20130524T000000Z",
+                "Authorization": _doc_auth(
+                    "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41",
+                    "host;range;x-amz-content-sha256;x-amz-date",
+                ),
+            },
+        )
 
     def test_put_object(self) -> None:
         """Example: PUT Object, with a Date header and an encoded '$' in the key."""
         body = b"Welcome to Amazon S3."
-        self.check("PUT", b"/test%24file.text", b"", {
-            "Host": "examplebucket.s3.amazonaws.com",
-            "Date": "Fri, 24 May 2013 00:00:00 GMT",
-            "x-amz-date": "20130524T000000Z",
-            "x-amz-storage-class": "REDUCED_REDUNDANCY",
-            "x-amz-content-sha256": hashlib.sha256(body).hexdigest(),
-            "Authorization": _doc_auth(
-                "98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd",
-                "date;host;x-amz-content-sha256;x-amz-date;x-amz-storage-class",
-            ),
-        })
+        self.check(
+            "PUT",
+            b"/test%24file.text",
+            b"",
+            {
+                "Host": "examplebucket.s3.amazonaws.com",
+                "Date": "Fri, 24 May 2013 00:00:00 GMT",
+                "x-amz-date": "20130524T000000Z",
+                "x-amz-storage-class": "REDUCED_REDUNDANCY",
+                "x-amz-content-sha256": hashlib.sha256(body).hexdigest(),
+                "Authorization": _doc_auth(
+                    "98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd",
+                    "date;host;x-amz-content-sha256;x-amz-date;x-amz-storage-class",
+                ),
+            },
+        )
 
     def test_list_objects(self) -> None:
         """Example: GET Bucket (List Objects) with a query string."""
-        self.check("GET", b"/", b"max-keys=2&prefix=J", {
-            "Host": "examplebucket.s3.amazonaws.com",
-            "x-amz-content-sha256": EMPTY_SHA256,
-            "x-amz-date": "20130524T000000Z",
-            "Authorization": _doc_auth(
-                "34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7",
-                "host;x-amz-content-sha256;x-amz-date",
-            ),
-        })
+        self.check(
+            "GET",
+            b"/",
+            b"max-keys=2&prefix=J",
+            {
+                "Host": "examplebucket.s3.amazonaws.com",
+                "x-amz-content-sha256": EMPTY_SHA256,
+                "x-amz-date": "20130524T000000Z",
+                "Authorization": _doc_auth(
+                    "34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7",
+                    "host;x-amz-content-sha256;x-amz-date",
+                ),
+            },
+        )
 
     def test_presigned(self) -> None:
         """Example: a presigned GET Object URL valid for a day."""
@@ -253,31 +269,39 @@ class DocumentationExampleTests(SynchronousTestCase):
             "Content-Encoding": "aws-chunked",
             "x-amz-decoded-content-length": "66560",
         }
-        plain = dict(headers, **{
-            "x-amz-content-sha256": sigv4.STREAMING_SIGNED,
-            "Content-Length": "66824",
-            "Authorization": _doc_auth(
-                "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9",
-                "content-encoding;content-length;host;x-amz-content-sha256;x-amz-date;"
-                "x-amz-decoded-content-length;x-amz-storage-class",
-            ),
-        })
+        plain = dict(
+            headers,
+            **{
+                "x-amz-content-sha256": sigv4.STREAMING_SIGNED,
+                "Content-Length": "66824",
+                "Authorization": _doc_auth(
+                    "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9",
+                    "content-encoding;content-length;host;x-amz-content-sha256;x-amz-date;"
+                    "x-amz-decoded-content-length;x-amz-storage-class",
+                ),
+            },
+        )
         auth = parse_request_auth("PUT", b"/examplebucket/chunkObject.txt", b"", header_map(plain))
         assert auth is not None
         verified = verify(auth, DOC_SECRET, DOC_TIME)
         self.assertEqual(verified.payload_mode, PayloadMode.STREAMING_SIGNED)
         self.assertEqual(verified.decoded_content_length, 66560)
         self.assertEqual(verified.seed_signature, auth.signature)
-        trailer = dict(headers, **{
-            "x-amz-content-sha256": sigv4.STREAMING_SIGNED_TRAILER,
-            "x-amz-trailer": "x-amz-checksum-crc32c",
-            "Authorization": _doc_auth(
-                "106e2a8a18243abcf37539882f36619c00e2dfc72633413f02d3b74544bfeb8e",
-                "content-encoding;host;x-amz-content-sha256;x-amz-date;"
-                "x-amz-decoded-content-length;x-amz-storage-class;x-amz-trailer",
-            ),
-        })
-        auth = parse_request_auth("PUT", b"/examplebucket/chunkObject.txt", b"", header_map(trailer))
+        trailer = dict(
+            headers,
+            **{
+                "x-amz-content-sha256": sigv4.STREAMING_SIGNED_TRAILER,
+                "x-amz-trailer": "x-amz-checksum-crc32c",
+                "Authorization": _doc_auth(
+                    "106e2a8a18243abcf37539882f36619c00e2dfc72633413f02d3b74544bfeb8e",
+                    "content-encoding;host;x-amz-content-sha256;x-amz-date;"
+                    "x-amz-decoded-content-length;x-amz-storage-class;x-amz-trailer",
+                ),
+            },
+        )
+        auth = parse_request_auth(
+            "PUT", b"/examplebucket/chunkObject.txt", b"", header_map(trailer)
+        )
         assert auth is not None
         verified = verify(auth, DOC_SECRET, DOC_TIME)
         self.assertEqual(verified.payload_mode, PayloadMode.STREAMING_SIGNED_TRAILER)
@@ -287,7 +311,9 @@ class DocumentationExampleTests(SynchronousTestCase):
         """The chunk and trailer signature chain reproduces the documented values."""
         key = signing_key(DOC_SECRET, "20130524", "us-east-1", "s3")
         signer = sigv4.ChunkSigner(
-            key, "20130524T000000Z", "20130524/us-east-1/s3/aws4_request",
+            key,
+            "20130524T000000Z",
+            "20130524/us-east-1/s3/aws4_request",
             "106e2a8a18243abcf37539882f36619c00e2dfc72633413f02d3b74544bfeb8e",
         )
         chunks = [b"a" * 65536, b"a" * 1024, b""]
@@ -296,7 +322,7 @@ class DocumentationExampleTests(SynchronousTestCase):
             "1c1344b170168f8e65b41376b44b20fe354e373826ccbbe2c1d40a8cae51e5c7",
             "2ca2aba2005185cf7159c6277faf83795951dd77a3a99e6e65d5c9f85863f992",
         ]
-        for chunk, signature in zip(chunks, expected):
+        for chunk, signature in zip(chunks, expected, strict=True):
             self.assertEqual(signer.sign_chunk(hashlib.sha256(chunk).hexdigest()), signature)
         self.assertEqual(
             signer.sign_trailer(b"x-amz-checksum-crc32c:sOO8/Q==\n"),
@@ -380,6 +406,7 @@ class BotocoreHeaderAuthTests(_SigningTestCase):
 
     def test_tampering(self) -> None:
         """Changing the method, path, query or a signed header breaks the signature."""
+
         def changed(**change: Any) -> AWSRequest:
             request = self.sign("GET", "https://h/bucket/a%20key?prefix=p", {"Range": "bytes=0-9"})
             for name, value in change.items():
@@ -437,13 +464,16 @@ class BotocoreHeaderAuthTests(_SigningTestCase):
             "date;host;x-amz-content-sha256\nUNSIGNED-PAYLOAD"
         )
         signature = _independent_signature(canonical, "20260301T123456Z", "20260301/us-east-1")
-        headers = header_map({
-            "Host": "h",
-            "Date": date,
-            "x-amz-content-sha256": "UNSIGNED-PAYLOAD",
-            "Authorization": f"AWS4-HMAC-SHA256 Credential={KEY}/20260301/us-east-1/s3/aws4_request, "
-            f"SignedHeaders=date;host;x-amz-content-sha256, Signature={signature}",
-        })
+        headers = header_map(
+            {
+                "Host": "h",
+                "Date": date,
+                "x-amz-content-sha256": "UNSIGNED-PAYLOAD",
+                "Authorization": "AWS4-HMAC-SHA256 "
+                f"Credential={KEY}/20260301/us-east-1/s3/aws4_request, "
+                f"SignedHeaders=date;host;x-amz-content-sha256, Signature={signature}",
+            }
+        )
         auth = parse_request_auth("GET", b"/b/k", b"", headers)
         assert auth is not None
         verify(auth, SECRET, NOW)
@@ -451,22 +481,27 @@ class BotocoreHeaderAuthTests(_SigningTestCase):
 
     def test_raw_utf8_header(self) -> None:
         """A client that signs the raw UTF-8 bytes it sends is accepted too."""
-        value = "žluťoučký kůň".encode("utf-8")
+        value = "žluťoučký kůň".encode()
         canonical = (
             b"PUT\n/b/k\n\nhost:h\nx-amz-content-sha256:UNSIGNED-PAYLOAD\n"
             b"x-amz-date:20260301T123456Z\nx-amz-meta-name:" + value + b"\n\n"
             b"host;x-amz-content-sha256;x-amz-date;x-amz-meta-name\nUNSIGNED-PAYLOAD"
         )
         signature = _independent_signature(canonical, "20260301T123456Z", "20260301/us-east-1")
-        headers = header_map([
-            (b"Host", b"h"),
-            (b"x-amz-content-sha256", b"UNSIGNED-PAYLOAD"),
-            (b"x-amz-date", b"20260301T123456Z"),
-            (b"x-amz-meta-name", value),
-            (b"Authorization", f"AWS4-HMAC-SHA256 Credential={KEY}/20260301/us-east-1/s3/"
-             "aws4_request,SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-meta-name,"
-             f"Signature={signature}".encode()),
-        ])
+        headers = header_map(
+            [
+                (b"Host", b"h"),
+                (b"x-amz-content-sha256", b"UNSIGNED-PAYLOAD"),
+                (b"x-amz-date", b"20260301T123456Z"),
+                (b"x-amz-meta-name", value),
+                (
+                    b"Authorization",
+                    f"AWS4-HMAC-SHA256 Credential={KEY}/20260301/us-east-1/s3/"
+                    "aws4_request,SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-meta-name,"
+                    f"Signature={signature}".encode(),
+                ),
+            ]
+        )
         auth = parse_request_auth("PUT", b"/b/k", b"", headers)
         assert auth is not None
         verify(auth, SECRET, NOW)
@@ -609,9 +644,16 @@ class MalformedAuthTests(SynchronousTestCase):
         base.update({name.replace("_", "-"): value for name, value in extra.items()})
         return base
 
-    def auth(self, credential: str = f"{KEY}/20260301/us-east-1/s3/aws4_request",
-             signed: str = "host;x-amz-content-sha256;x-amz-date", signature: str = "0" * 64) -> str:
-        return f"AWS4-HMAC-SHA256 Credential={credential}, SignedHeaders={signed}, Signature={signature}"
+    def auth(
+        self,
+        credential: str = f"{KEY}/20260301/us-east-1/s3/aws4_request",
+        signed: str = "host;x-amz-content-sha256;x-amz-date",
+        signature: str = "0" * 64,
+    ) -> str:
+        return (
+            f"AWS4-HMAC-SHA256 Credential={credential}, SignedHeaders={signed}, "
+            f"Signature={signature}"
+        )
 
     def raises(self, error: type[S3Error], headers: dict[str, str], query: bytes = b"") -> S3Error:
         return self.assertRaises(error, parse_request_auth, "GET", b"/b/k", query, headers)
@@ -649,8 +691,15 @@ class MalformedAuthTests(SynchronousTestCase):
 
     def test_signed_headers(self) -> None:
         """SignedHeaders must be well-formed and include host."""
-        for signed in ("x-amz-content-sha256;x-amz-date", "", "host;;x-amz-date", "host;bad header"):
-            self.raises(AuthorizationHeaderMalformed, self.headers(authorization=self.auth(signed=signed)))
+        for signed in (
+            "x-amz-content-sha256;x-amz-date",
+            "",
+            "host;;x-amz-date",
+            "host;bad header",
+        ):
+            self.raises(
+                AuthorizationHeaderMalformed, self.headers(authorization=self.auth(signed=signed))
+            )
 
     def test_other_mechanisms(self) -> None:
         """SigV2 is InvalidRequest; unknown schemes are InvalidArgument."""
@@ -732,7 +781,9 @@ class MalformedAuthTests(SynchronousTestCase):
             {"X_Amz_SignedHeaders": "x-amz-date"},
         ):
             with self.subTest(change=change):
-                self.raises(AuthorizationQueryParametersError, {"host": "h"}, self.presigned_query(**change))
+                self.raises(
+                    AuthorizationQueryParametersError, {"host": "h"}, self.presigned_query(**change)
+                )
 
     def test_presigned_streaming(self) -> None:
         """A presigned URL cannot announce an aws-chunked body."""
@@ -759,11 +810,10 @@ class CanonicalFormTests(SynchronousTestCase):
         """Queries decode '+' as space, keep empty values and sort by name then value."""
         pairs = parse_query(b"b=2&a=x+y&a=%2B&uploads&c=&&d=%E2%98%83")
         self.assertEqual(
-            pairs, [("b", "2"), ("a", "x y"), ("a", "+"), ("uploads", ""), ("c", ""), ("d", "\u2603")]
+            pairs,
+            [("b", "2"), ("a", "x y"), ("a", "+"), ("uploads", ""), ("c", ""), ("d", "\u2603")],
         )
-        self.assertEqual(
-            canonical_query_string(pairs), "a=%2B&a=x%20y&b=2&c=&d=%E2%98%83&uploads="
-        )
+        self.assertEqual(canonical_query_string(pairs), "a=%2B&a=x%20y&b=2&c=&d=%E2%98%83&uploads=")
 
     def test_query_invalid_utf8(self) -> None:
         """Bytes that are not UTF-8 survive decoding and re-encoding."""
@@ -787,13 +837,14 @@ class CanonicalFormTests(SynchronousTestCase):
         self.assertEqual(
             sigv4.parse_payload_hash(EMPTY_SHA256.upper()), (PayloadMode.SHA256, EMPTY_SHA256)
         )
-        for mode in (PayloadMode.STREAMING_SIGNED, PayloadMode.STREAMING_SIGNED_TRAILER,
-                     PayloadMode.STREAMING_UNSIGNED_TRAILER):
+        for mode in (
+            PayloadMode.STREAMING_SIGNED,
+            PayloadMode.STREAMING_SIGNED_TRAILER,
+            PayloadMode.STREAMING_UNSIGNED_TRAILER,
+        ):
             self.assertEqual(sigv4.parse_payload_hash(mode.value), (mode, None))
             self.assertTrue(mode.chunked)
         self.assertTrue(PayloadMode.STREAMING_SIGNED.signed_chunks)
         self.assertFalse(PayloadMode.STREAMING_UNSIGNED_TRAILER.signed_chunks)
         self.assertTrue(PayloadMode.STREAMING_UNSIGNED_TRAILER.has_trailer)
         self.assertFalse(PayloadMode.SHA256.chunked)
-
-

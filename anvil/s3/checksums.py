@@ -40,8 +40,9 @@ import base64
 import binascii
 import hashlib
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 from anvil.s3.errors import (
     BadDigest,
@@ -185,7 +186,10 @@ def _crc_function(algorithm: str) -> Callable[[bytes | memoryview, int], int]:
     if algorithm == "CRC32":
         return zlib.crc32
     if _crt is not None:
-        return _crt.crc32c if algorithm == "CRC32C" else _crt.crc64nvme
+        function: Callable[[bytes | memoryview, int], int] = (
+            _crt.crc32c if algorithm == "CRC32C" else _crt.crc64nvme
+        )
+        return function
     return lambda data, crc: pure_crc(algorithm, data, crc)
 
 
@@ -310,11 +314,7 @@ def supported_algorithms() -> tuple[str, ...]:
     @return: the algorithms this process can compute, in AWS order.
     """
     have_xxhash = _crt is not None and hasattr(_crt, "XXHash")
-    return tuple(
-        name
-        for name in KNOWN_ALGORITHMS
-        if have_xxhash or not name.startswith("XXHASH")
-    )
+    return tuple(name for name in KNOWN_ALGORITHMS if have_xxhash or not name.startswith("XXHASH"))
 
 
 def new_hasher(algorithm: str) -> Hasher:
@@ -439,8 +439,7 @@ def parse_checksum_type(value: str | None, algorithm: str) -> str:
         )
     if kind == COMPOSITE and algorithm == "CRC64NVME":
         raise InvalidRequest(
-            "The COMPOSITE checksum type cannot be used with the crc64nvme "
-            "checksum algorithm."
+            "The COMPOSITE checksum type cannot be used with the crc64nvme checksum algorithm."
         )
     return kind
 
@@ -489,16 +488,13 @@ def checksum_from_headers(headers: Mapping[str, str]) -> ChecksumSpec | None:
             declared.append(ChecksumSpec(algorithm, headers[name], False))
     trailer = headers.get("x-amz-trailer", "").strip().lower()
     if trailer:
-        algorithm = trailer[len(_HEADER_PREFIX):].upper()
+        algorithm = trailer[len(_HEADER_PREFIX) :].upper()
         if not trailer.startswith(_HEADER_PREFIX) or algorithm not in KNOWN_ALGORITHMS:
-            raise InvalidRequest(
-                "The value specified in the x-amz-trailer header is not supported"
-            )
+            raise InvalidRequest("The value specified in the x-amz-trailer header is not supported")
         declared.append(ChecksumSpec(algorithm, None, True))
     if len(declared) > 1:
         raise InvalidRequest(
-            "Expecting a single x-amz-checksum- header. Multiple checksum "
-            "Types are not allowed."
+            "Expecting a single x-amz-checksum- header. Multiple checksum Types are not allowed."
         )
     sdk = headers.get("x-amz-sdk-checksum-algorithm")
     if sdk is not None:
@@ -509,9 +505,7 @@ def checksum_from_headers(headers: Mapping[str, str]) -> ChecksumSpec | None:
                 "x-amz-checksum-* or x-amz-trailer headers were found."
             )
         if declared[0].algorithm != sdk_algorithm:
-            raise InvalidRequest(
-                "Value for x-amz-sdk-checksum-algorithm header is invalid."
-            )
+            raise InvalidRequest("Value for x-amz-sdk-checksum-algorithm header is invalid.")
     if not declared:
         return None
     spec = declared[0]
@@ -524,9 +518,7 @@ def checksum_from_headers(headers: Mapping[str, str]) -> ChecksumSpec | None:
 
 
 def _mismatch(algorithm: str) -> BadDigest:
-    return BadDigest(
-        f"The {algorithm} you specified did not match the calculated checksum."
-    )
+    return BadDigest(f"The {algorithm} you specified did not match the calculated checksum.")
 
 
 class ChecksumVerifier:
@@ -568,8 +560,7 @@ class ChecksumVerifier:
         if self.spec.trailer:
             if trailer_value is None:
                 raise MalformedTrailerError(
-                    f"The {self.spec.header_name} trailer announced in "
-                    "x-amz-trailer was not sent."
+                    f"The {self.spec.header_name} trailer announced in x-amz-trailer was not sent."
                 )
             expected = decode_checksum_value(
                 self.spec.algorithm, trailer_value, self.spec.header_name

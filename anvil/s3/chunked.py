@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from anvil.s3.checksums import ChecksumVerifier
 from anvil.s3.errors import (
@@ -156,7 +156,7 @@ class AwsChunkedDecoder:
         self._remaining = 0
         self._chunk_size = 0
         self._chunk_signature = ""
-        self._chunk_hash: "hashlib._Hash | None" = None
+        self._chunk_hash: hashlib._Hash | None = None
         self._previous_data_chunk: int | None = None
         self._chunk_index = 0
         self._trailer_lines: list[tuple[str, str]] = []
@@ -174,7 +174,7 @@ class AwsChunkedDecoder:
         auth: VerifiedAuth,
         checksum: ChecksumVerifier | None = None,
         min_chunk_size: int = 0,
-    ) -> "AwsChunkedDecoder":
+    ) -> AwsChunkedDecoder:
         """
         Build the decoder of a verified streaming request.
 
@@ -319,9 +319,7 @@ class AwsChunkedDecoder:
                     Chunk=self._chunk_index - 1, BadChunkSize=self._previous_data_chunk
                 )
         if self._expected is not None and self.decoded_length + size > self._expected:
-            raise IncompleteBody(
-                "The aws-chunked body is longer than x-amz-decoded-content-length"
-            )
+            raise IncompleteBody("The aws-chunked body is longer than x-amz-decoded-content-length")
         self._chunk_size = size
         self._chunk_index += 1
         if size == 0:
@@ -419,4 +417,3 @@ class AwsChunkedDecoder:
             if self._checksum.spec.trailer:
                 trailer_value = self.trailers.get(self._checksum.spec.header_name)
             self.checksum_value = self._checksum.finish(trailer_value)
-

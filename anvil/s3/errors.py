@@ -35,11 +35,12 @@ using the wording S3 actually sends where that differs from the list.
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 from xml.sax.saxutils import escape
 
 #: Every S3 error class by its code, filled in as subclasses are defined.
-ERRORS_BY_CODE: dict[str, type["S3Error"]] = {}
+ERRORS_BY_CODE: dict[str, type[S3Error]] = {}
 
 # XML 1.0 cannot carry these code points even as character references, and
 # object keys may contain any of them; they are shown as U+FFFD instead.
@@ -59,7 +60,7 @@ def _xml_text(value: object) -> str:
     return escape(_XML_INVALID.sub("\ufffd", str(value)))
 
 
-def error_class(code: str) -> type["S3Error"] | None:
+def error_class(code: str) -> type[S3Error] | None:
     """
     Look up the error class for an S3 code.
 
@@ -114,9 +115,7 @@ class S3Error(Exception):
     def __repr__(self) -> str:
         return f"{self.code}({self.message!r})"
 
-    def to_xml(
-        self, resource: str, request_id: str, host_id: str | None = None
-    ) -> bytes:
+    def to_xml(self, resource: str, request_id: str, host_id: str | None = None) -> bytes:
         """
         Render the error document.
 
@@ -220,10 +219,7 @@ class IncompleteBody(S3Error):
     """The body was shorter (or longer) than its declared length."""
 
     status = 400
-    message = (
-        "You did not provide the number of bytes specified by the "
-        "Content-Length HTTP header"
-    )
+    message = "You did not provide the number of bytes specified by the Content-Length HTTP header"
 
 
 class InvalidArgument(S3Error):
@@ -251,10 +247,7 @@ class InvalidEncryptionAlgorithmError(S3Error):
     """An unsupported server-side encryption algorithm was requested."""
 
     status = 400
-    message = (
-        "The encryption request you specified is not valid. The valid value "
-        "is AES256."
-    )
+    message = "The encryption request you specified is not valid. The valid value is AES256."
 
 
 class InvalidLocationConstraint(S3Error):
@@ -279,10 +272,7 @@ class InvalidPartOrder(S3Error):
     """The parts listed in CompleteMultipartUpload are not in ascending order."""
 
     status = 400
-    message = (
-        "The list of parts was not in ascending order. Parts must be ordered "
-        "by part number."
-    )
+    message = "The list of parts was not in ascending order. Parts must be ordered by part number."
 
 
 class InvalidRequest(S3Error):
@@ -342,8 +332,7 @@ class MalformedXML(S3Error):
 
     status = 400
     message = (
-        "The XML you provided was not well-formed or did not validate against "
-        "our published schema"
+        "The XML you provided was not well-formed or did not validate against our published schema"
     )
 
 
@@ -379,9 +368,7 @@ class RequestHeaderSectionTooLarge(S3Error):
     """The request line and headers are larger than allowed."""
 
     status = 400
-    message = (
-        "Your request header section exceeds the maximum allowed size."
-    )
+    message = "Your request header section exceeds the maximum allowed size."
 
 
 class RequestTimeout(S3Error):
@@ -412,10 +399,7 @@ class XAmzContentSHA256Mismatch(S3Error):
     """The body does not hash to the signed x-amz-content-sha256."""
 
     status = 400
-    message = (
-        "The provided 'x-amz-content-sha256' header does not match what was "
-        "computed."
-    )
+    message = "The provided 'x-amz-content-sha256' header does not match what was computed."
 
 
 # 403 ------------------------------------------------------------------------
@@ -463,10 +447,7 @@ class RequestTimeTooSkewed(S3Error):
     """The request time is more than 15 minutes from the server's."""
 
     status = 403
-    message = (
-        "The difference between the request time and the current time is "
-        "too large."
-    )
+    message = "The difference between the request time and the current time is too large."
 
 
 class SignatureDoesNotMatch(S3Error):
@@ -538,10 +519,7 @@ class NoSuchVersion(S3Error):
     """The version id does not name a version of the object."""
 
     status = 404
-    message = (
-        "The version ID specified in the request does not match an existing "
-        "version."
-    )
+    message = "The version ID specified in the request does not match an existing version."
 
 
 class NoSuchWebsiteConfiguration(S3Error):
@@ -604,10 +582,7 @@ class BucketAlreadyOwnedByYou(S3Error):
     """The caller's tenant already owns this bucket."""
 
     status = 409
-    message = (
-        "Your previous request to create the named bucket succeeded and you "
-        "already own it."
-    )
+    message = "Your previous request to create the named bucket succeeded and you already own it."
 
 
 class BucketNotEmpty(S3Error):

@@ -50,11 +50,11 @@ import enum
 import hashlib
 import hmac
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
-from typing import Iterable, Mapping, Sequence
 from urllib.parse import quote, unquote_to_bytes
 
 from anvil.s3.errors import (
@@ -89,14 +89,12 @@ _HEX_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 
 _CREDENTIAL_FORMAT = (
-    'the Credential is mal-formed; expecting '
-    '"<YOUR-AKID>/YYYYMMDD/REGION/SERVICE/aws4_request".'
+    'the Credential is mal-formed; expecting "<YOUR-AKID>/YYYYMMDD/REGION/SERVICE/aws4_request".'
 )
 _HEADER_MALFORMED = "The authorization header is malformed; "
 _QUERY_CREDENTIAL = "Error parsing the X-Amz-Credential parameter; "
 _UNSUPPORTED_MECHANISM = (
-    "The authorization mechanism you have provided is not supported. "
-    "Please use AWS4-HMAC-SHA256."
+    "The authorization mechanism you have provided is not supported. Please use AWS4-HMAC-SHA256."
 )
 
 _PRESIGN_PARAMETERS = (
@@ -235,9 +233,7 @@ def canonical_uri(raw_path: bytes | str) -> str:
         raw_path = raw_path.encode("utf-8", "surrogateescape")
     if not raw_path:
         return "/"
-    return "/".join(
-        quote(unquote_to_bytes(segment), safe="") for segment in raw_path.split(b"/")
-    )
+    return "/".join(quote(unquote_to_bytes(segment), safe="") for segment in raw_path.split(b"/"))
 
 
 def canonical_query_string(pairs: Iterable[tuple[str, str]]) -> str:
@@ -256,9 +252,7 @@ def _trim(value: str) -> str:
     return " ".join(value.split())
 
 
-def _canonical_headers(
-    headers: Mapping[str, str], signed: Sequence[str], raw_bytes: bool
-) -> bytes:
+def _canonical_headers(headers: Mapping[str, str], signed: Sequence[str], raw_bytes: bool) -> bytes:
     lines = []
     for name in signed:
         value = headers.get(name, "")
@@ -293,9 +287,7 @@ def build_canonical_request(
         UTF-8 encoding of their ISO-8859-1 reading (see the module docstring).
     @return: the canonical request as bytes.
     """
-    head = "\n".join(
-        [method.upper(), canonical_uri(raw_path), canonical_query_string(query_pairs)]
-    )
+    head = "\n".join([method.upper(), canonical_uri(raw_path), canonical_query_string(query_pairs)])
     return b"".join(
         [
             head.encode("ascii"),
@@ -385,7 +377,7 @@ def _parse_amz_date(value: str) -> datetime | None:
     if not _AMZ_DATE.match(value):
         return None
     try:
-        return datetime.strptime(value, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        return datetime.strptime(value, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     except ValueError:
         return None
 
@@ -416,9 +408,7 @@ def _parse_credential(value: str, presigned: bool) -> tuple[str, CredentialScope
             prefix + f'incorrect service "{service}". This endpoint belongs to "{_SERVICE}".'
         )
     if terminal != _TERMINAL:
-        raise error(
-            prefix + f'incorrect terminal "{terminal}". This endpoint uses "{_TERMINAL}".'
-        )
+        raise error(prefix + f'incorrect terminal "{terminal}". This endpoint uses "{_TERMINAL}".')
     return access_key, CredentialScope(date, region)
 
 
@@ -462,9 +452,7 @@ def _check_unsigned_amz_headers(headers: Mapping[str, str], signed: Sequence[str
     # S3 refuses x-amz-* headers that are not signed: otherwise anyone
     # holding a signed request (a presigned URL above all) could add
     # x-amz-copy-source, x-amz-meta-* or x-amz-acl to it.
-    unsigned = sorted(
-        name for name in headers if name.startswith("x-amz-") and name not in signed
-    )
+    unsigned = sorted(name for name in headers if name.startswith("x-amz-") and name not in signed)
     if unsigned:
         raise AccessDenied(
             "There were headers present in the request which were not signed",
@@ -504,8 +492,8 @@ def parse_request_auth(
     pairs = parse_query(query) if isinstance(query, (bytes, str)) else list(query)
     names = {name for name, _ in pairs}
     authorization = headers.get("authorization")
-    presigned = "X-Amz-Algorithm" in names or "X-Amz-Credential" in names or (
-        "X-Amz-Signature" in names
+    presigned = (
+        "X-Amz-Algorithm" in names or "X-Amz-Credential" in names or ("X-Amz-Signature" in names)
     )
     if authorization is not None and presigned:
         raise InvalidArgument(
@@ -547,7 +535,7 @@ def _request_date(headers: Mapping[str, str]) -> tuple[str, datetime, str]:
             except (TypeError, ValueError, IndexError):
                 parsed = None
             if parsed is not None and parsed.tzinfo is not None:
-                moment = parsed.astimezone(timezone.utc)
+                moment = parsed.astimezone(UTC)
                 return _format_amz_date(moment), moment, raw
     raise AccessDenied("AWS authentication requires a valid Date or x-amz-date header")
 
@@ -585,9 +573,22 @@ def _parse_header_auth(
     mode, sha256 = parse_payload_hash(payload_hash)
     _check_unsigned_amz_headers(headers, signed)
     return _auth_request(
-        method, raw_path, pairs, headers, access_key, scope, signed,
-        parts["Signature"], amz_date, moment, raw_date, False, None,
-        payload_hash, mode, sha256,
+        method,
+        raw_path,
+        pairs,
+        headers,
+        access_key,
+        scope,
+        signed,
+        parts["Signature"],
+        amz_date,
+        moment,
+        raw_date,
+        False,
+        None,
+        payload_hash,
+        mode,
+        sha256,
     )
 
 
@@ -601,16 +602,12 @@ def _parse_query_auth(
     for name, value in pairs:
         if name in _PRESIGN_PARAMETERS or name == "X-Amz-Content-Sha256":
             if name in params:
-                raise AuthorizationQueryParametersError(
-                    f"{name} must be given only once."
-                )
+                raise AuthorizationQueryParametersError(f"{name} must be given only once.")
             params[name] = value
     if not all(name in params for name in _PRESIGN_PARAMETERS):
         raise AuthorizationQueryParametersError()
     if params["X-Amz-Algorithm"] != ALGORITHM:
-        raise AuthorizationQueryParametersError(
-            f'X-Amz-Algorithm only supports "{ALGORITHM}"'
-        )
+        raise AuthorizationQueryParametersError(f'X-Amz-Algorithm only supports "{ALGORITHM}"')
     access_key, scope = _parse_credential(params["X-Amz-Credential"], presigned=True)
     raw_date = params["X-Amz-Date"]
     moment = _parse_amz_date(raw_date)
@@ -640,15 +637,26 @@ def _parse_query_auth(
     payload_hash = params.get("X-Amz-Content-Sha256", UNSIGNED_PAYLOAD)
     mode, sha256 = parse_payload_hash(payload_hash)
     if mode.chunked:
-        raise InvalidRequest(
-            "Presigned requests cannot use a streaming (aws-chunked) payload"
-        )
+        raise InvalidRequest("Presigned requests cannot use a streaming (aws-chunked) payload")
     _check_unsigned_amz_headers(headers, signed)
     unsigned_pairs = [(k, v) for k, v in pairs if k != "X-Amz-Signature"]
     return _auth_request(
-        method, raw_path, unsigned_pairs, headers, access_key, scope, signed,
-        params["X-Amz-Signature"], raw_date, moment, raw_date, True, expires,
-        payload_hash, mode, sha256,
+        method,
+        raw_path,
+        unsigned_pairs,
+        headers,
+        access_key,
+        scope,
+        signed,
+        params["X-Amz-Signature"],
+        raw_date,
+        moment,
+        raw_date,
+        True,
+        expires,
+        payload_hash,
+        mode,
+        sha256,
     )
 
 
@@ -727,7 +735,7 @@ def signing_key(secret_key: str, date: str, region: str, service: str = _SERVICE
 
 
 def _now_datetime(now: float) -> datetime:
-    return datetime.fromtimestamp(now, tz=timezone.utc)
+    return datetime.fromtimestamp(now, tz=UTC)
 
 
 def check_request_time(auth: AuthRequest, now: float) -> None:
@@ -748,14 +756,15 @@ def check_request_time(auth: AuthRequest, now: float) -> None:
         if request - now > MAX_SKEW_SECONDS:
             raise AccessDenied("Request is not valid yet")
         if now > request + auth.expires:
-            raise AccessDenied(
-                "Request has expired",
-                **{
-                    "X-Amz-Expires": auth.expires,
+            expired = AccessDenied("Request has expired")
+            expired.extra.update(
+                {
+                    "X-Amz-Expires": str(auth.expires),
                     "Expires": _iso8601(_now_datetime(request + auth.expires)),
                     "ServerTime": server_time,
-                },
+                }
             )
+            raise expired
     elif abs(now - request) > MAX_SKEW_SECONDS:
         raise RequestTimeTooSkewed(
             RequestTime=auth.raw_date,
@@ -837,8 +846,7 @@ class ChunkSigner:
         """
         digest = hashlib.sha256(canonical_trailer).hexdigest()
         return (
-            f"AWS4-HMAC-SHA256-TRAILER\n{self._amz_date}\n{self._scope}\n"
-            f"{self.previous}\n{digest}"
+            f"AWS4-HMAC-SHA256-TRAILER\n{self._amz_date}\n{self._scope}\n{self.previous}\n{digest}"
         )
 
     def sign_trailer(self, canonical_trailer: bytes) -> str:
