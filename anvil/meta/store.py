@@ -57,7 +57,7 @@ _MAX_KEY_BYTES = 1024
 
 
 def _check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"The {kind} name {name!r} is invalid: use 1 to 63 letters, digits, "
             "'.', '_' or '-'."
@@ -65,7 +65,7 @@ def _check_name(kind: str, name: str) -> None:
 
 
 def _check_region(name: str) -> None:
-    if not isinstance(name, str) or not _REGION.match(name):
+    if not isinstance(name, str) or not _REGION.fullmatch(name):
         raise InvalidArgument(
             f"The region name {name!r} is invalid: use lower-case letters, "
             "digits and '-', starting with a letter or digit, at most 63 characters."
@@ -73,7 +73,7 @@ def _check_region(name: str) -> None:
 
 
 def _check_bucket(name: str) -> None:
-    if not isinstance(name, str) or not _BUCKET.match(name):
+    if not isinstance(name, str) or not _BUCKET.fullmatch(name):
         raise InvalidArgument(
             f"The bucket name {name!r} is invalid: use 3 to 63 lower-case "
             "letters, digits, '.' or '-', starting and ending with a letter or digit."
@@ -116,7 +116,7 @@ def _resource_problem(resource: str) -> str | None:
     if resource == "*":
         return None
     bucket, slash, key = resource.partition("/")
-    if not _BUCKET.match(bucket):
+    if not _BUCKET.fullmatch(bucket):
         return f"{bucket!r} is not a valid bucket name"
     if not slash:
         return None
