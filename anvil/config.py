@@ -305,7 +305,7 @@ class StorageSection:
             "ANVIL_STORAGE_DIRS",
             "storage-dirs",
             "Comma-separated shard directories, one per disk; empty means "
-            "<data-dir>/shards.",
+            "the data directory itself (shards go in its shards/ folder).",
             "DIRS",
         ),
     )
@@ -315,6 +315,17 @@ class StorageSection:
             "ANVIL_STRIPE_SIZE",
             None,
             "Bytes of object data per erasure-coded stripe.",
+            "BYTES",
+        ),
+    )
+    inline_threshold: int = field(
+        default=65536,
+        metadata=_key(
+            "ANVIL_INLINE_THRESHOLD",
+            None,
+            "Objects (and parts) up to this many bytes are kept inside the "
+            "regional database instead of as erasure-coded shards: one "
+            "transaction instead of k+m fsynced files. 0 disables it.",
             "BYTES",
         ),
     )
@@ -370,9 +381,10 @@ class NodeConfig:
     @property
     def storage_dirs(self) -> tuple[str, ...]:
         """
-        The shard directories, defaulting to C{<data-dir>/shards}.
+        The shard directories, defaulting to the data directory (the shard
+        store keeps its files in a C{shards/} folder of each).
         """
-        return self.storage.dirs or (os.path.join(self.node.data_dir, "shards"),)
+        return self.storage.dirs or (self.node.data_dir,)
 
 
 @dataclass(frozen=True)
@@ -724,6 +736,10 @@ def _check_storage(config: NodeConfig) -> None:
         raise ConfigError(
             f"erasure.k={k} and erasure.m={m} are invalid: k must be at least "
             "1, m at least 0, and k + m at most 256."
+        )
+    if not 0 <= config.storage.inline_threshold <= 1024 * 1024:
+        raise ConfigError(
+            "storage.inline_threshold must be between 0 and 1048576 bytes."
         )
     stripe = config.storage.stripe_size
     if stripe < 4096 or stripe > 64 * 1024 * 1024 or stripe % k:

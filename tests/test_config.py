@@ -58,9 +58,7 @@ class PrecedenceTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(config.cluster.listen, "tcp:7443")
         self.assertEqual((config.erasure.k, config.erasure.m), (4, 2))
         self.assertTrue(config.embedded)
-        self.assertEqual(
-            config.storage_dirs, (os.path.join(self.dir, "anvil-data", "shards"),)
-        )
+        self.assertEqual(config.storage_dirs, (os.path.join(self.dir, "anvil-data"),))
 
     def test_file_overrides_defaults(self) -> None:
         """
