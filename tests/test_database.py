@@ -15,7 +15,7 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -340,3 +340,37 @@ def _is_local_postgres(pid: int) -> bool:
             return b"postgres" in f.read()
     except OSError:
         return False
+
+
+class CancellationTests(TestCase):
+    """
+    Callers that give up (a client disconnected) do not harm the pool.
+    """
+
+    async def test_cancel_running_query(self) -> None:
+        """
+        Cancelling a running query fails it at once with C{CancelledError};
+        the statement finishes on the server and the connection is reused.
+        """
+        db = await Database.connect(fresh_database(self), reactor, pool_size=1)
+        self.addCleanup(db.close)
+        running = Deferred.fromCoroutine(db.run_query("SELECT pg_sleep(0.3)"))
+        await deferLater(reactor, 0.05)
+        running.cancel()
+        self.failureResultOf(running, CancelledError)
+        self.assertEqual(await db.run_query("SELECT 1"), [(1,)])
+        self.assertTrue(db.available)
+
+    async def test_cancel_waiting_caller(self) -> None:
+        """
+        Cancelling a caller that waits for a connection removes it from the
+        queue; later callers still get the connection.
+        """
+        db = await Database.connect(fresh_database(self), reactor, pool_size=1)
+        self.addCleanup(db.close)
+        busy = Deferred.fromCoroutine(db.run_query("SELECT pg_sleep(0.2), 1"))
+        waiting = Deferred.fromCoroutine(db.run_query("SELECT 2"))
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(await db.run_query("SELECT 3"), [(3,)])
+        self.assertEqual(await busy, [("", 1)])

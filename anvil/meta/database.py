@@ -353,7 +353,7 @@ class Database:
 
         timer = self._clock.callLater(remaining, give_up)
         try:
-            await self._use(slot, self._select_one)
+            await _shielded(Deferred.fromCoroutine(self._use(slot, self._select_one)))
         finally:
             if timer.active():
                 timer.cancel()
@@ -388,7 +388,7 @@ class Database:
 
     async def _with_connection(self, fn: Callable[[_Connection], Awaitable[_T]]) -> _T:
         slot = await self._acquire(None)
-        return await self._use(slot, fn)
+        return await _shielded(Deferred.fromCoroutine(self._use(slot, fn)))
 
     async def _use(self, slot: _Slot, fn: Callable[[_Connection], Awaitable[_T]]) -> _T:
         """
@@ -434,7 +434,12 @@ class Database:
             raise DatabaseUnavailable(
                 f"No connection to {self.description} is available; reconnecting."
             )
-        waiter: Deferred[_Slot] = Deferred()
+        def forget(waiter: Deferred[_Slot]) -> None:
+            # A cancelled caller gives up its place in the queue.
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+        waiter: Deferred[_Slot] = Deferred(forget)
         self._waiters.append(waiter)
         timer = None
         if timeout is not None:
@@ -584,6 +589,31 @@ class Database:
             if timer.active():
                 timer.cancel()
         return connection
+
+
+def _shielded(d: "Deferred[_T]") -> "Deferred[_T]":
+    """
+    Follow C{d} without passing cancellation on to it.
+
+    Cancelling the result (an S3 client went away, say) fails it at once
+    with C{CancelledError}, while the statement on C{d}'s connection runs to
+    its end and the connection goes back to the pool: cancelling a
+    txpostgres query would call psycopg2's blocking C{cancel()} and leave
+    the connection mid-protocol.
+    """
+    follower: Deferred[_T] = Deferred()
+
+    def forward(result: object) -> None:
+        if not follower.called:
+            if isinstance(result, Failure):
+                follower.errback(result)
+            else:
+                follower.callback(result)  # type: ignore[arg-type]
+        # Otherwise the follower was cancelled and nobody wants the result
+        # (or the error) any more.
+
+    d.addBoth(forward)
+    return follower
 
 
 def _close_quietly(connection: _Connection) -> None:
