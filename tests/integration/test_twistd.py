@@ -356,3 +356,61 @@ class PluginTests(SynchronousTestCase):
         # The migrations ship in the wheel too.
         schema = os.path.join(target, "anvil", "meta", "schema")
         self.assertTrue(any(f.endswith(".sql") for f in os.listdir(os.path.join(schema, "global"))))
+
+
+class ExternalDatabaseTests(SynchronousTestCase):
+    """
+    Nodes on configured (external) databases.
+    """
+
+    def test_two_nodes_start_at_once(self) -> None:
+        """
+        Two nodes started at the same moment on one fresh pair of databases
+        both come up (migrations run once, under the advisory lock), nothing
+        embedded starts, and anvil-admin with the same environment manages the
+        cluster.
+        """
+        import psycopg2
+
+        from tests.pg import fresh_database
+
+        env = {
+            "GLOBAL_DATABASE_URL": fresh_database(self),
+            "REGIONAL_DATABASE_URL": fresh_database(self),
+            "ANVIL_SECRET_ENCRYPTION_KEY": "5e" * 32,
+            "REGION": "eu-central-1",
+        }
+        nodes = [
+            NodeProcess(self, short_tmpdir(self), env=env) for _ in range(2)
+        ]
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            node.wait_ready(60)
+        for node in nodes:
+            self.assertFalse(os.path.exists(os.path.join(node.data_dir, "postgres")))
+            self.assertFalse(os.path.exists(os.path.join(node.data_dir, "credentials.json")))
+            self.assertEqual(postgres_processes(node.data_dir), [])
+
+        conn = psycopg2.connect(env["GLOBAL_DATABASE_URL"])
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT version, count(*) FROM schema_migrations GROUP BY version")
+                self.assertTrue(all(count == 1 for _, count in cur.fetchall()))
+                cur.execute("SELECT name FROM regions")
+                self.assertEqual(cur.fetchall(), [("eu-central-1",)])
+        finally:
+            conn.close()
+
+        admin = subprocess.run(
+            [sys.executable, "-m", "anvil.scripts.admin", "tenant", "create", "acme"],
+            env=child_env(env), capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(admin.returncode, 0, admin.stderr)
+        listing = subprocess.run(
+            [sys.executable, "-m", "anvil.scripts.admin", "tenant", "list", "--json"],
+            env=child_env(env), capture_output=True, text=True, timeout=60,
+        )
+        self.assertIn("acme", listing.stdout)
+        for node in nodes:
+            self.assertEqual(node.terminate(30), 0)
