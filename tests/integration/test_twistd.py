@@ -197,8 +197,13 @@ class StartupErrorTests(SynchronousTestCase):
     non-zero status, without a traceback.
     """
 
-    def run_twistd(self, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-        data_dir = short_tmpdir(self)
+    def run_twistd(
+        self, env: dict[str, str], *args: str, data_dir: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{twistd -n --pidfile= anvil ARGS} to completion.
+        """
+        data_dir = data_dir or short_tmpdir(self)
         return subprocess.run(
             TWISTD + ["-n", "--pidfile=", "anvil", *args],
             env=child_env({"ANVIL_DATA_DIR": data_dir, **env}),
@@ -270,19 +275,12 @@ class StartupErrorTests(SynchronousTestCase):
         node = NodeProcess(self, data_dir).start()
         node.wait_ready(60)
         self.assertEqual(node.terminate(30), 0)
-        result = subprocess.run(
-            TWISTD + ["-n", "--pidfile=", "anvil"],
-            env=child_env(
-                {
-                    "ANVIL_DATA_DIR": data_dir,
-                    "API_LISTEN_ADDR": "tcp:0:interface=127.0.0.1",
-                    "ANVIL_SECRET_ENCRYPTION_KEY": "ab" * 32,
-                }
-            ),
-            cwd=data_dir,
-            capture_output=True,
-            text=True,
-            timeout=60,
+        result = self.run_twistd(
+            {
+                "API_LISTEN_ADDR": "tcp:0:interface=127.0.0.1",
+                "ANVIL_SECRET_ENCRYPTION_KEY": "ab" * 32,
+            },
+            data_dir=data_dir,
         )
         self.assertOneSentence(result, "ANVIL_SECRET_ENCRYPTION_KEY")
         self.assertEqual(postgres_processes(data_dir), [])
@@ -297,18 +295,8 @@ class StartupErrorTests(SynchronousTestCase):
         self.addCleanup(taken.close)
         port = taken.getsockname()[1]
         data_dir = short_tmpdir(self)
-        result = subprocess.run(
-            TWISTD + ["-n", "--pidfile=", "anvil"],
-            env=child_env(
-                {
-                    "ANVIL_DATA_DIR": data_dir,
-                    "API_LISTEN_ADDR": f"tcp:{port}:interface=127.0.0.1",
-                }
-            ),
-            cwd=data_dir,
-            capture_output=True,
-            text=True,
-            timeout=60,
+        result = self.run_twistd(
+            {"API_LISTEN_ADDR": f"tcp:{port}:interface=127.0.0.1"}, data_dir=data_dir
         )
         self.assertOneSentence(result, "api.listen")
         self.assertEqual(postgres_processes(data_dir), [])
