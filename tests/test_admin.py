@@ -16,7 +16,8 @@ import shutil
 import stat
 import sys
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import psycopg2
 from twisted.internet import reactor

@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from anvil.errors import DatabaseUnavailable, InvalidArgument
 from anvil.meta.database import Database, backoff_delays, describe_dsn
@@ -305,10 +305,10 @@ class ReconnectTests(TestCase):
         A server process that stops answering fails C{ping} after its
         timeout; the pool drops that connection and reconnects.
         """
-        dsn, db = await self._database(pool_size=1, initial_delay=0.1)
+        _, db = await self._database(pool_size=1, initial_delay=0.1)
         [(pid,)] = await db.run_query("SELECT pg_backend_pid()")
         if not _is_local_postgres(pid):
-            raise self.skipTest("the test server is not a local process")
+            raise SkipTest("the test server is not a local process")
         os.kill(pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -326,7 +326,7 @@ class ReconnectTests(TestCase):
         When every connection is busy for longer than the ping timeout,
         C{ping} fails rather than waiting, and the busy query is unharmed.
         """
-        dsn, db = await self._database(pool_size=1, initial_delay=0.1)
+        _, db = await self._database(pool_size=1, initial_delay=0.1)
         busy = Deferred.fromCoroutine(db.run_query("SELECT pg_sleep(0.5), 1"))
         with self.assertRaises(DatabaseUnavailable) as caught:
             await db.ping(0.1)

@@ -6,7 +6,6 @@ Tests for L{anvil.meta.store.GlobalStore} on a real PostgreSQL.
 from __future__ import annotations
 
 import base64
-import re
 
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase

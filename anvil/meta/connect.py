@@ -11,8 +11,9 @@ nobody runs it yet.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -205,8 +206,9 @@ async def _start_embedded(
         if started:
             try:
                 await blocking(embedded.stop)
-            except Exception:
-                pass
+            except Exception as stop_error:
+                # The original error is the one to report.
+                _log.warn("Could not stop the embedded PostgreSQL: {error}", error=str(stop_error))
         if isinstance(e, AnvilError):
             raise
         raise DatabaseUnavailable(

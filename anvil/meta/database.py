@@ -21,13 +21,13 @@ from __future__ import annotations
 import inspect
 import random
 from collections import deque
-from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.extensions
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
@@ -80,10 +80,12 @@ def describe_dsn(dsn: str) -> str:
     return where
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException | None) -> str:
     """
     Collapse a (often multi-line) libpq message into one line.
     """
+    if error is None:
+        return "unknown error"
     lines = [" ".join(line.split()) for line in str(error).splitlines()]
     return "; ".join(line for line in lines if line) or type(error).__name__
 
@@ -124,7 +126,7 @@ class _Connection(txpostgres.Connection):  # type: ignore[misc]
         try:
             super().doRead()
         except Exception:
-            self._on_lost(Failure())
+            self._on_lost(Failure())  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -155,7 +157,8 @@ class _Slot:
         self.opening: _Connection | None = None
         self.state = "connecting"
         self.delays: Iterator[float] | None = None
-        self.retry: IDelayedCall | None = None
+        # An IDelayedCall (typed loosely: zope interfaces need mypy-zope).
+        self.retry: Any = None
         self.abandoned: str | None = None
 
 
@@ -205,7 +208,9 @@ class Database:
         extra = {k: v for k, v in _KEEPALIVES.items() if k not in given}
         self._dsn = psycopg2.extensions.make_dsn(dsn, **extra)
         self._reactor = reactor
-        self._clock: IReactorTime = reactor
+        # IReactorTime and IReactorFDSet; typed loosely because zope
+        # interfaces need the mypy-zope plugin to type-check.
+        self._clock: Any = reactor
         self._connect_timeout = connect_timeout
         self.description = describe_dsn(dsn)
         self._slots = [_Slot(i) for i in range(pool_size)]
@@ -220,7 +225,7 @@ class Database:
         reactor: Any,
         pool_size: int = 4,
         connect_timeout: float = 5.0,
-    ) -> "Database":
+    ) -> Database:
         """
         Open C{pool_size} connections to C{dsn}.
 
@@ -287,9 +292,9 @@ class Database:
 
     async def run_interaction(
         self,
-        fn: Callable[..., "Awaitable[_T] | Deferred[_T] | _T"],
+        fn: Callable[..., Any],
         *args: Any,
-    ) -> _T:
+    ) -> Any:
         """
         Run C{fn(cursor, *args)} inside one transaction.
 
@@ -301,7 +306,7 @@ class Database:
         @raise DatabaseUnavailable: as L{run_query}.
         """
 
-        async def interaction(connection: _Connection) -> _T:
+        async def interaction(connection: _Connection) -> Any:
             cursor = connection.cursor()
             await cursor.execute("BEGIN")
             try:
@@ -324,7 +329,7 @@ class Database:
                         _close_quietly(connection)
                 raise
             await cursor.execute("COMMIT")
-            return result  # type: ignore[return-value]
+            return result
 
         return await self._with_connection(interaction)
 
@@ -591,7 +596,7 @@ class Database:
         return connection
 
 
-def _shielded(d: "Deferred[_T]") -> "Deferred[_T]":
+def _shielded(d: Deferred[_T]) -> Deferred[_T]:
     """
     Follow C{d} without passing cancellation on to it.
 

@@ -56,7 +56,7 @@ class SecretBox:
         self._aead = AESGCM(key)
 
     @classmethod
-    def from_hex(cls, text: str) -> "SecretBox":
+    def from_hex(cls, text: str) -> SecretBox:
         """
         Build a box from the 64 hex characters of C{ANVIL_SECRET_ENCRYPTION_KEY}.
 

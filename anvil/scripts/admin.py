@@ -19,8 +19,9 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Mapping, NoReturn, Sequence, TextIO
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn, TextIO
 
 from anvil.config import ConfigError, load_config
 from anvil.errors import AnvilError
@@ -57,7 +58,7 @@ class _Parser(argparse.ArgumentParser):
 def _human_time(value: datetime | None) -> str:
     if value is None:
         return "-"
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _json_default(value: object) -> object:
@@ -248,14 +249,14 @@ async def _bucket_set_public_access(store: GlobalStore, args: argparse.Namespace
 # -- the parser -------------------------------------------------------------
 
 
-def _common_options(defaults: bool) -> argparse.ArgumentParser:
+def _common_options(defaults: bool) -> _Parser:
     """
     The global options.  The top-level parser has real defaults; the copies
     on each command default to C{SUPPRESS}, so that an option given before
     the command is not reset by the command's parser, and either position
     works.
     """
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     default: Any = None if defaults else argparse.SUPPRESS
     common.add_argument(
         "--config", metavar="FILE", default=default, help="the node's TOML configuration file"
