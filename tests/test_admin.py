@@ -417,6 +417,21 @@ class EmbeddedTests(AdminTestMixin, TestCase):
         self.assertTrue(self.server.is_running())
 
 
+    async def test_embedded_start_failure(self) -> None:
+        """
+        When the embedded PostgreSQL cannot start, the command fails with
+        one line saying so and naming its directory.
+        """
+        # A file where the cluster directory should be.
+        with open(os.path.join(self.data_dir, "postgres"), "w") as f:
+            f.write("not a directory\n")
+        failed = await self.admin("tenant", "list")
+        self.assertOneLineError(
+            failed,
+            f"The embedded PostgreSQL in {self.data_dir}/postgres could not be started",
+        )
+
+
 class ParserTests(SynchronousTestCase):
     """
     The argument parser, in process.

@@ -301,7 +301,9 @@ class Database:
         C{fn} receives a txpostgres C{Cursor} (whose C{execute} returns a
         L{Deferred}) and may return a L{Deferred}, a coroutine or a plain
         value.  The transaction commits when it succeeds and rolls back when
-        it raises; its result (or exception) is passed on.
+        it raises; its result (or exception) is passed on.  C{fn} must use
+        only its cursor: calling this L{Database} from inside C{fn} waits for
+        a second connection (and never gets one with a pool of one).
 
         @raise DatabaseUnavailable: as L{run_query}.
         """
@@ -354,7 +356,7 @@ class Database:
                 )
                 # Closing the socket fails the outstanding query at once;
                 # psycopg2's cancel() would block the reactor.
-                slot.connection.close()
+                _close_quietly(slot.connection)
 
         timer = self._clock.callLater(remaining, give_up)
         try:
@@ -439,6 +441,7 @@ class Database:
             raise DatabaseUnavailable(
                 f"No connection to {self.description} is available; reconnecting."
             )
+
         def forget(waiter: Deferred[_Slot]) -> None:
             # A cancelled caller gives up its place in the queue.
             if waiter in self._waiters:
