@@ -349,10 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
         "allow or deny anonymous GetObject and HeadObject on a bucket",
         _bucket_set_public_access,
     )
-    sub.add_argument("--bucket", required=True, metavar="B")
+    sub.add_argument("--bucket", required=True, metavar="B", help="the bucket's name")
     access = sub.add_mutually_exclusive_group(required=True)
-    access.add_argument("--allow", dest="public", action="store_const", const=True)
-    access.add_argument("--deny", dest="public", action="store_const", const=False)
+    access.add_argument(
+        "--allow", dest="public", action="store_const", const=True, help="allow anonymous reads"
+    )
+    access.add_argument(
+        "--deny", dest="public", action="store_const", const=False, help="deny anonymous access"
+    )
     return parser
 
 
