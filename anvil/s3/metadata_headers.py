@@ -347,9 +347,11 @@ def response_overrides(
         stored one.
     @raise InvalidRequest: for an anonymous request with overrides.
     """
-    found = {
-        header: query[parameter] for parameter, header in _OVERRIDES.items() if parameter in query
-    }
+    found = {}
+    for parameter, header in _OVERRIDES.items():
+        value = query.get(parameter)
+        if value is not None:
+            found[header] = value
     if found and not signed:
         raise InvalidRequest("Request specific response headers cannot be used for anonymous GET requests.")
     return found
