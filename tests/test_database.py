@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.errors
+import psycopg2.extensions
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
@@ -374,3 +375,52 @@ class CancellationTests(TestCase):
         self.failureResultOf(waiting, CancelledError)
         self.assertEqual(await db.run_query("SELECT 3"), [(3,)])
         self.assertEqual(await busy, [("", 1)])
+
+
+class HostNameTests(TestCase):
+    """
+    Host names are resolved off the reactor thread before libpq connects.
+    """
+
+    def test_what_is_resolved(self) -> None:
+        """
+        Only a single host name is looked up; sockets, addresses, host lists
+        and explicit C{hostaddr} are passed to libpq as they are.
+        """
+        from anvil.meta.database import _host_name
+
+        self.assertEqual(_host_name({"host": "db.example"}), "db.example")
+        for params in (
+            {},
+            {"host": "/run/postgresql"},
+            {"host": "127.0.0.1"},
+            {"host": "::1"},
+            {"host": "a.example,b.example"},
+            {"host": "db.example", "hostaddr": "10.0.0.1"},
+        ):
+            self.assertIsNone(_host_name(params), params)
+
+    async def test_resolved_host_in_messages(self) -> None:
+        """
+        A host name is resolved and connected to; messages keep naming the
+        host as configured.
+        """
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with self.assertRaises(DatabaseUnavailable) as caught:
+            await Database.connect(f"postgresql://u:hunter2@localhost:{port}/g", reactor)
+        message = str(caught.exception)
+        self.assertIn(f"PostgreSQL at localhost:{port}", message)
+        self.assertNotIn("hunter2", message)
+
+    async def test_hostaddr(self) -> None:
+        """
+        The DSN libpq gets carries the resolved address as C{hostaddr} and
+        the name as C{host}.
+        """
+        db = Database("host=localhost port=5432 dbname=g", reactor)
+        params = psycopg2.extensions.parse_dsn(await db._resolved_dsn())
+        self.assertEqual((params["host"], params["hostaddr"]), ("localhost", "127.0.0.1"))
+        unix = Database("host=/run/postgresql dbname=g", reactor)
+        self.assertNotIn("hostaddr", psycopg2.extensions.parse_dsn(await unix._resolved_dsn()))

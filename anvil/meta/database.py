@@ -4,9 +4,9 @@ A small pool of asynchronous PostgreSQL connections (txpostgres) that
 reconnects on its own.
 
 Every query goes through txpostgres, which drives psycopg2's asynchronous
-connections from the reactor: nothing here blocks the reactor thread (except
-libpq's host name lookup when a connection is opened; use addresses or Unix
-sockets where that matters).
+connections from the reactor: nothing here blocks the reactor thread.  (Host
+names are resolved with the reactor's resolver first, since libpq would look
+them up with a blocking call.)
 
 A connection that is found dead (the server closed it, a query failed
 because the socket broke, it did not answer a ping in time) is closed and
@@ -19,6 +19,7 @@ C{503 ServiceUnavailable} and C{/ready} into a failing check.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -206,7 +207,8 @@ class Database:
                 "The database URL is not a valid libpq connection string or URL."
             ) from None
         extra = {k: v for k, v in _KEEPALIVES.items() if k not in given}
-        self._dsn = psycopg2.extensions.make_dsn(dsn, **extra)
+        self._dsn: str = psycopg2.extensions.make_dsn(dsn, **extra)
+        self._host_to_resolve = _host_name(given)
         self._reactor = reactor
         # IReactorTime and IReactorFDSet; typed loosely because zope
         # interfaces need the mypy-zope plugin to type-check.
@@ -555,6 +557,25 @@ class Database:
 
         d.addCallbacks(opened, failed)
 
+    async def _resolved_dsn(self) -> str:
+        """
+        The DSN to connect with: with a host name resolved on the reactor's
+        (threaded) resolver and passed as C{hostaddr}, because libpq would
+        resolve it with a blocking C{getaddrinfo()} on the reactor thread.
+        C{host} stays, for authentication and TLS checks.  When the lookup
+        fails (or finds no IPv4 address), libpq is left to do it and report.
+        """
+        host = self._host_to_resolve
+        resolve = getattr(self._reactor, "resolve", None)
+        if host is None or resolve is None:
+            return self._dsn
+        try:
+            address = await resolve(host, timeout=(self._connect_timeout,))
+        except Exception as e:
+            self._log.debug("Resolving {host} failed: {error}", host=host, error=_one_line(e))
+            return self._dsn
+        return str(psycopg2.extensions.make_dsn(self._dsn, hostaddr=address))
+
     async def _open(self, slot: _Slot) -> _Connection:
         """
         Open one connection for C{slot}, giving up after the connect
@@ -562,6 +583,9 @@ class Database:
 
         @raise DatabaseUnavailable: when it cannot be opened.
         """
+        dsn = await self._resolved_dsn()
+        if self._closed:
+            raise DatabaseUnavailable(f"The connection pool to {self.description} is closed.")
         holder: list[_Connection] = []
 
         def on_lost(reason: Failure) -> None:
@@ -582,7 +606,7 @@ class Database:
         timer = self._clock.callLater(self._connect_timeout, expire)
         slot.opening = connection
         try:
-            await connection.connect(self._dsn)
+            await connection.connect(dsn)
         except Exception as e:
             _close_quietly(connection)
             if timed_out:
@@ -624,6 +648,22 @@ def _shielded(d: Deferred[_T]) -> Deferred[_T]:
     return follower
 
 
+def _host_name(params: dict[str, str]) -> str | None:
+    """
+    The host name libpq would look up for these connection parameters, or
+    C{None} when there is nothing to look up (a Unix socket, an address,
+    several hosts, or an explicit C{hostaddr}).
+    """
+    host = params.get("host", "")
+    if not host or params.get("hostaddr") or "," in host or host.startswith(("/", "@")):
+        return None
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    return None
+
+
 def _close_quietly(connection: _Connection) -> None:
     """
     Close a connection whose state may be anything, ignoring errors from an
@@ -632,8 +672,10 @@ def _close_quietly(connection: _Connection) -> None:
     try:
         if connection.pollable() is not None:
             connection.close()
-    except Exception:
-        pass
+    except Exception as e:
+        # Nothing to do about a socket that will not even close; it is
+        # being discarded anyway.
+        Database._log.debug("Closing a connection failed: {error}", error=_one_line(e))
 
 
 def _sentence(text: str) -> str:
