@@ -152,6 +152,7 @@ def build_s3(
     cpu: CpuPool,
     io: CpuPool,
     shards: LocalShardStore | None = None,
+    node_id: str = "local",
     on_corrupt: Any = None,
 ) -> S3Service:
     """
@@ -169,6 +170,7 @@ def build_s3(
     @param io: the pool for blocking disk I/O; a started service.
     @param shards: the shard store; by default one over
         C{config.storage_dirs}.
+    @param node_id: this node's id, recorded in shard maps.
     @param on_corrupt: called by the engine as C{(hash, shard_index,
         stripe)} for each corrupt shard block found on read.
     @return: the service; mount C{service.resource()}.
@@ -177,6 +179,7 @@ def build_s3(
     from anvil.meta.objects import ObjectStore
     from anvil.storage.engine import StorageEngine
     from anvil.storage.erasure import ErasureParams
+    from anvil.storage.placement import LocalPlacement
     from anvil.storage.shardstore import LocalShardStore
 
     if shards is None:
@@ -189,6 +192,7 @@ def build_s3(
         io,
         inline_threshold=config.storage.inline_threshold,
         on_corrupt=on_corrupt,
+        placement=LocalPlacement(node_id, shards),
     )
     return S3Service(
         config,
