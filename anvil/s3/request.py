@@ -34,10 +34,12 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
         query is C{b""} when there is none.
     """
     if not target.startswith(b"/"):
-        scheme, sep, rest = target.partition(b"://")
-        if sep:
-            slash = rest.find(b"/")
-            target = rest[slash:] if slash >= 0 else b"/" + rest.partition(b"?")[1] + rest.partition(b"?")[2]
+        _, separator, rest = target.partition(b"://")
+        if separator:
+            ends = [i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0]
+            target = rest[min(ends) :] if ends else b""
+            if not target.startswith(b"/"):
+                target = b"/" + target
     path, _, query = target.partition(b"?")
     # A fragment is never sent by HTTP clients; drop it if one is.
     query = query.partition(b"#")[0]
