@@ -158,12 +158,19 @@ class NodeService(MultiService):
             if not membership.alive():
                 raise AnvilError("no alive member")
 
+        async def startup_check() -> None:
+            # The listener opens before the first-start bootstrap finishes
+            # (the credentials name the bound port): not ready until then.
+            if not self.ready.called:
+                raise AnvilError("still starting")
+
         timeout = config.database.ready_timeout
         readiness = Readiness(
             [
                 ("global database", lambda: metadata.global_db.ping(timeout)),
                 ("regional database", lambda: metadata.regional_db.ping(timeout)),
                 ("membership", membership_check),
+                ("startup", startup_check),
             ],
             timeout=timeout,
             clock=self._reactor,
