@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from twisted.internet import reactor, threads
 from twisted.internet.address import IPv4Address
@@ -30,7 +31,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from anvil.errors import AnvilError
 from anvil.metrics import Metrics
-from anvil.web.body import MiB, BodyIncomplete, RequestBody
+from anvil.web.body import BodyIncomplete, MiB, RequestBody
 from anvil.web.listener import track_channels
 from anvil.web.server import AnvilChannel, AnvilRequest, AnvilSite
 
@@ -655,6 +656,21 @@ class BodyEndTests(SynchronousTestCase):
         failure.trap(BodyIncomplete)
         self.assertIn("chunked", str(failure.value))
 
+    def test_malformed_chunked(self) -> None:
+        """
+        Broken chunked framing gets Twisted's 400 and closes the connection;
+        the handler's read then fails as incomplete.
+        """
+        site, recorder, _ = make_site(digest_handler)
+        client = Client(site)
+        client.send(client.request(b"PUT", headers={b"Transfer-Encoding": b"chunked"}))
+        client.send(b"zz\r\nnot hex\r\n")
+        self.assertTrue(client.transport.value().startswith(b"HTTP/1.1 400 Bad Request"))
+        self.assertTrue(client.transport.disconnecting)
+        client.lose()
+        [failure] = recorder.failures
+        failure.trap(BodyIncomplete)
+
     def test_complete_body_survives_disconnect(self) -> None:
         """
         A body that fully arrived stays readable after the client hangs up
@@ -886,8 +902,7 @@ class EarlyResponseTests(SynchronousTestCase):
 
     def test_client_closes_during_linger(self) -> None:
         """
-        A client that closes during the linger leaves no timer behind, and
-        the request is recorded once, as answered.
+        A client that closes during the linger leaves no timer behind.
         """
         site, _, clock = make_site(reject_handler)
         client = Client(site)

@@ -14,14 +14,13 @@ import hashlib
 import os
 import socket
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from twisted.internet import reactor, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anvil.errors import AnvilError
@@ -31,8 +30,8 @@ from anvil.web.server import AnvilRequest, AnvilSite
 from anvil.web.stream import ClientDisconnected, stream_response
 from tests.test_metrics import requests_total
 from tests.test_web_body import (
-    KiB,
     Client,
+    KiB,
     Recorder,
     RssSampler,
     _parse_one,

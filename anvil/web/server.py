@@ -44,10 +44,12 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 from io import BytesIO
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -475,7 +477,7 @@ class AnvilChannel(HTTPChannel):
         """
         super().connectionMade()
         self._gate = _ReadGate(self._networkProducer)
-        self._networkProducer = self._gate
+        self._networkProducer = self._gate  # type: ignore[assignment]
         self.body_reading = _BodyReading(self._gate)
 
     def dataReceived(self, data: bytes) -> None:
@@ -597,7 +599,7 @@ class AnvilChannel(HTTPChannel):
             return
         super().timeoutConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         The connection closed: stop lingering, fail bodies in progress.
 

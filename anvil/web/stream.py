@@ -15,7 +15,8 @@ behind a download ends with the download.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -217,7 +218,7 @@ class _Streamer:
             return
         try:
             await aclose()
-        except Exception:
+        except Exception:  # noqa: BLE001 - closing is cleanup: log, never mask the real outcome
             self._log.failure("Closing a response body iterator failed")
 
 
