@@ -104,6 +104,7 @@ class Metrics:
     @ivar node_info: Gauge C{anvil_node_info} with labels C{version},
         C{region}, C{node_id}; one series with value 1 once
         L{set_node_info} was called.
+    @ivar shards_corrupt: Counter C{anvil_shards_corrupt_total}.
     """
 
     def __init__(self) -> None:
@@ -140,6 +141,14 @@ class Metrics:
             "anvil_node_info",
             "Constant 1, labelled with this node's version, region and id.",
             ["version", "region", "node_id"],
+            registry=self.registry,
+        )
+        # Counters appear with value 0 from the start, so rate() and alerts
+        # work before the first event.
+        self.shards_corrupt = Counter(
+            "anvil_shards_corrupt",
+            "Corrupt or unreadable shard blocks found (on read or by the "
+            "scrubber); each is served from parity instead.",
             registry=self.registry,
         )
         self.declare_operations(API_NODE, NODE_OPERATIONS)

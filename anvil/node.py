@@ -7,7 +7,9 @@ children in reverse, stop in the opposite order:
 
   1. metadata: the embedded PostgreSQL (when no URLs are configured), the
      global and regional connection pools, migrations;
-  2. workers (background loops; they arrive with the task queue);
+  2. workers: the CPU pool (hashing, erasure coding) and the disk I/O
+     pool of the storage engine (background loops join them with the task
+     queue);
   3. the API listener, last to start and first to stop, so on SIGTERM the
      node stops accepting requests before anything they need goes away.
 
@@ -36,6 +38,9 @@ from anvil.errors import AnvilError
 from anvil.logs import json_observer
 from anvil.meta.connect import Metadata, open_metadata
 from anvil.metrics import Metrics
+from anvil.s3.service import S3Service, build_s3
+from anvil.storage.cpu import CpuPool
+from anvil.storage.shardstore import LocalShardStore
 from anvil.web.listener import DrainingListener, track_channels
 from anvil.web.readiness import Readiness
 from anvil.web.root import RootResource
@@ -175,7 +180,8 @@ class NodeService(MultiService):
             timeout=timeout,
             clock=self._reactor,
         )
-        root = RootResource(readiness, self.metrics)
+        s3 = await self._storage(metadata, node_id)
+        root = RootResource(readiness, self.metrics, s3.resource())
         site = AnvilSite(root, self.metrics, self._reactor)
         channels = track_channels(site)
         endpoint = serverFromString(self._reactor, config.api.listen)
@@ -202,6 +208,46 @@ class NodeService(MultiService):
             )
         self._log.info(
             "Anvil node {node_id} serving S3 on {url}", node_id=node_id, url=endpoint_url
+        )
+
+    async def _storage(self, metadata: Metadata, node_id: str) -> S3Service:
+        """
+        Start the worker pools and build the S3 service over this node's
+        shard directories.
+
+        The pools are children of the node before the API listener, so they
+        stop only after it has drained.
+        """
+        config = self._config
+        cpu = CpuPool(self._reactor, name="anvil-cpu")
+        # Disk I/O threads mostly wait on the device (fsync above all), so
+        # there are more of them than cores.
+        io = CpuPool(self._reactor, max_threads=16, name="anvil-io")
+        cpu.setServiceParent(self)
+        io.setServiceParent(self)
+        shards = LocalShardStore(config.storage_dirs)
+        # Temporaries left by a crash belong to uploads that never
+        # committed; no upload of this process has started yet.
+        removed = await io.run(shards.clean_temporary, 0)
+        if removed:
+            self._log.info("Removed {count} temporary shard files of interrupted uploads",
+                           count=removed)
+
+        def corrupt(content_hash: object, shard_index: int, stripe: int) -> None:
+            self.metrics.shards_corrupt.inc()
+
+        return build_s3(
+            config,
+            self._reactor,
+            global_store=metadata.global_store,
+            global_db=metadata.global_db,
+            regional_db=metadata.regional_db,
+            metrics=self.metrics,
+            cpu=cpu,
+            io=io,
+            shards=shards,
+            node_id=node_id,
+            on_corrupt=corrupt,
         )
 
     def api_url(self, host: Any) -> str:
