@@ -778,6 +778,21 @@ class ContinueTests(SynchronousTestCase):
         [response] = client.responses()
         self.assertEqual(response.body.split()[0], b"5")
 
+    def test_no_idle_timeout_while_client_waits(self) -> None:
+        """
+        A client waiting for C{100 Continue} is not timed out as idle while
+        the handler takes its time; once the handler has read and the
+        client goes quiet, it is.
+        """
+        site, recorder, clock = make_site(hold_handler)
+        client = Client(site)
+        client.send(client.request(b"PUT", headers={b"Expect": b"100-continue"}, length=5))
+        clock.advance(site.timeOut * 3)
+        self.assertFalse(client.transport.disconnecting)
+        Deferred.fromCoroutine(recorder.requests[0].body.read())
+        clock.advance(site.timeOut + 1)
+        self.assertTrue(client.transport.disconnecting)
+
     def test_no_continue_once_body_arrives(self) -> None:
         """
         A client that stopped waiting and sent its body is not sent a late

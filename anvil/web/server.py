@@ -440,8 +440,8 @@ class AnvilChannel(HTTPChannel):
       - the network producer is wrapped in a L{_ReadGate} so that the body's
         flow control and Twisted's own pausing do not undo each other;
       - the idle timeout does not fire while reading is paused because the
-        handler has not read the body yet: the client is not idle then, the
-        server is.
+        handler has not read the body yet, nor while the client waits for
+        C{100 Continue}: the client is not idle then, the server is.
 
     HTTP/2 is not offered: Twisted's HTTP/2 channel buffers bodies its own
     way.
@@ -591,13 +591,24 @@ class AnvilChannel(HTTPChannel):
 
     def timeoutConnection(self) -> None:
         """
-        Time out an idle connection, but not one whose reading is paused
-        because the handler has not read its request body yet.
+        Time out an idle connection, but not one that is quiet because the
+        server is behind: reading is paused because the handler has not
+        read the body yet, or the client waits for a C{100 Continue} the
+        handler has not asked for yet.
         """
-        if self._gate.held_by(_BODY):
+        if self._gate.held_by(_BODY) or self._awaiting_continue():
             self.setTimeout(self.timeOut)
             return
         super().timeoutConnection()
+
+    def _awaiting_continue(self) -> bool:
+        """
+        Whether the request being handled waits for C{100 Continue}.
+        """
+        if not self.requests or self._draining is not None:
+            return False
+        body = getattr(self.requests[-1], "body", None)
+        return body is not None and body.continue_pending
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
