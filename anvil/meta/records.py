@@ -221,6 +221,8 @@ class ObjectRecord:
 
 
 def _segments(manifest: list[ManifestPart], start: int, stop: int) -> Iterator[Segment]:
+    if start >= stop:
+        return
     for piece in manifest:
         end = piece.offset + piece.length
         if end <= start or piece.length == 0:
