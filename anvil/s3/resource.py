@@ -141,9 +141,11 @@ class S3Resource(Resource):
                 raise unroutable
             handler = dispatch.resolve(row.handler) or dispatch.not_implemented
             bucket = None
-            if address.bucket is not None:
+            if address.bucket is not None and row.needs_bucket:
+                # CreateBucket looks no further: whether the name is taken,
+                # and by whom, is its own business (BucketAlreadyExists).
                 bucket = await service.buckets.get_bucket(address.bucket)
-                if bucket is None and row.needs_bucket:
+                if bucket is None:
                     raise NoSuchBucket(BucketName=address.bucket)
             authorize(principal, row.operation, row.action, bucket, address.bucket, address.key)
             call = S3Call(

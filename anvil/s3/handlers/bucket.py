@@ -226,7 +226,10 @@ def _encode_token(value: str) -> str:
 def _decode_token(token: str, name: str = "continuation-token") -> str:
     try:
         padded = token + "=" * (-len(token) % 4)
-        return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
+        value = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
+        if not value:
+            raise ValueError("empty token")
+        return value.decode("utf-8")
     except (binascii.Error, UnicodeError, ValueError):
         raise InvalidArgument(
             "The continuation token provided is incorrect",
