@@ -9,6 +9,8 @@ errors by L{anvil.s3.resource.S3Resource} through a real L{AnvilSite}.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -19,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anvil.config import NodeConfig, ApiSection
 from anvil.errors import DatabaseUnavailable, NotFound
+from anvil.meta.records import Bucket
 from anvil.metrics import Metrics
 from anvil.s3 import dispatch
 from anvil.s3.errors import (
@@ -380,15 +383,18 @@ class _FakeStore:
 
 class _Buckets:
     """
-    A bucket store whose lookups fail as configured.
+    A bucket store whose lookups fail as configured, or find a public
+    bucket named C{public}.
     """
 
     def __init__(self, failure: Exception | None) -> None:
         self.failure = failure
 
-    async def get_bucket(self, name: str) -> None:
+    async def get_bucket(self, name: str) -> Bucket | None:
         if self.failure is not None:
             raise self.failure
+        if name == "public":
+            return Bucket(1, name, 1, "t", "us-east-1", True, datetime.now(UTC))
         return None
 
 
@@ -538,3 +544,56 @@ class RenderingTests(SynchronousTestCase):
         response = _request(site, "GET", "/bucket/%FF")
         self.assertEqual(_status(response), 400)
         self.assertIn(b"<Code>InvalidURI</Code>", response)
+
+
+class HandlerResponseTests(SynchronousTestCase):
+    """
+    Handler responses are rendered faithfully, and a body that fails before
+    its first byte becomes a clean error response.
+    """
+
+    def handle(self, handler: Any, method: str = "GET") -> bytes:
+        self.patch(dispatch, "_resolved", {"object:get_object": handler, "object:head_object": handler})
+        site, _ = _site()
+        return _request(site, method, "/public/key")
+
+    def test_bytes_body(self) -> None:
+        """
+        A bytes body gets its Content-Length and an XML Content-Type unless
+        the handler set one; HEAD sends the headers only.
+        """
+
+        async def handler(call: dispatch.S3Call) -> dispatch.S3Response:
+            self.assertEqual((call.bucket_name, call.key, call.operation), ("public", "key", call.operation))
+            return dispatch.S3Response(200, [("ETag", '"abc"'), ("x-amz-meta-a", "1")], b"<x/>")
+
+        response = self.handle(handler)
+        self.assertEqual(_status(response), 200)
+        self.assertIn(b"Content-Length: 4\r\n", response)
+        self.assertIn(b"Content-Type: application/xml", response)
+        self.assertIn(b"ETag: \"abc\"", response)
+        self.assertTrue(response.endswith(b"\r\n\r\n<x/>"))
+        response = self.handle(handler, "HEAD")
+        self.assertIn(b"Content-Length: 4\r\n", response)
+        self.assertTrue(response.endswith(b"\r\n\r\n"))
+
+    def test_body_fails_at_once(self) -> None:
+        """
+        A streamed body that fails before its first chunk is answered with
+        InternalError, without the headers of the success.
+        """
+
+        async def chunks() -> AsyncIterator[bytes]:
+            raise RuntimeError("disk on fire")
+            yield b""  # pragma: no cover
+
+        async def handler(call: dispatch.S3Call) -> dispatch.S3Response:
+            return dispatch.S3Response(200, [("ETag", '"abc"'), ("Content-Length", "10")], chunks())
+
+        with capturedLogs():
+            response = self.handle(handler)
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(_status(response), 500)
+        self.assertIn(b"<Code>InternalError</Code>", response)
+        self.assertNotIn(b"ETag", response)
+        self.assertIn(b"X-Amz-Request-Id", response)

@@ -238,6 +238,18 @@ class S3Resource(Resource):
             )
             request.channel.transport.abortConnection()
             return
+        # A handler may have set the headers of a success (ETag, Content-
+        # Length of an object) before its body failed to start: keep only
+        # the request ids.
+        kept = {
+            name: request.responseHeaders.getRawHeaders(name)
+            for name in (b"x-amz-request-id", b"x-amz-id-2")
+        }
+        for name, _ in list(request.responseHeaders.getAllRawHeaders()):
+            request.responseHeaders.removeHeader(name)
+        for name, values in kept.items():
+            if values:
+                request.responseHeaders.setRawHeaders(name, values)
         request.setResponseCode(error.status)
         for name, value in error.headers.items():
             request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
