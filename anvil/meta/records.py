@@ -233,6 +233,32 @@ def _segments(manifest: list[ManifestPart], start: int, stop: int) -> Iterator[S
 
 
 @dataclass(frozen=True)
+class ObjectSummary:
+    """
+    What a bucket listing shows of an object (the attributes have the same
+    names and meanings as L{ObjectRecord}'s).
+
+    @ivar bucket_id: the bucket's id.
+    @ivar key: the key.
+    @ivar size: the object's length in bytes.
+    @ivar etag: the S3 ETag without quotes.
+    @ivar last_modified: when it was written, UTC, whole milliseconds.
+    @ivar checksums: C{x-amz-checksum-*} values by algorithm (listings
+        show the algorithms).
+    @ivar parts_count: the number of parts of a multipart object, else
+        C{None}.
+    """
+
+    bucket_id: int
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+    checksums: dict[str, str]
+    parts_count: int | None = None
+
+
+@dataclass(frozen=True)
 class Upload:
     """
     A multipart upload in progress.

@@ -26,6 +26,12 @@ ALTER TABLE contents ADD COLUMN inline_data BYTEA;
 ALTER TABLE contents ADD COLUMN released_at TIMESTAMPTZ;
 CREATE INDEX contents_released ON contents (released_at) WHERE refcount = 0;
 
+-- Listings walk the partial unique index objects_live_key (bucket_id, key
+-- COLLATE "C" of live rows).  The full index beside it also holds every
+-- replaced and deleted row, and the planner, seeing two equal indexes,
+-- would sometimes walk that one and step over dead rows.
+DROP INDEX objects_listing;
+
 -- NULL for objects written in one PUT.
 ALTER TABLE objects ADD COLUMN parts_count INTEGER
     CHECK (parts_count BETWEEN 1 AND 10000);
