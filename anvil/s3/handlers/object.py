@@ -57,8 +57,10 @@ from anvil.s3.errors import (
     NoSuchBucket,
     NoSuchKey,
     S3Error,
+    ServiceUnavailable,
 )
 from anvil.s3.xml import document
+from anvil.storage.engine import ContentUnavailable
 from anvil.storage.ranges import InvalidRange as RangeNotSatisfiable
 from anvil.storage.ranges import parse_range
 
@@ -640,8 +642,52 @@ async def get_object(call: S3Call) -> Any:
     headers = _read_headers(call, record, selection)
     contents = await object_contents(call, record)
     slices = object_slices(record, contents, selection.start, selection.stop)
-    body = read_slices(call.service.engine, slices) if slices else b""
+    body = await primed(read_slices(call.service.engine, slices)) if slices else b""
     return _response(selection.status, headers, body)
+
+
+async def primed(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes] | bytes:
+    """
+    Read the first chunk of a body before the response starts.
+
+    A content that cannot be read at all then fails with a proper error
+    response (503) instead of a connection cut after the headers.
+
+    @param chunks: the body.
+    @return: an iterator giving the same chunks, or C{b""} when the body is
+        empty.
+    @raise ServiceUnavailable: when the first stripe cannot be rebuilt.
+    """
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        return b""
+    except ContentUnavailable as error:
+        await _close(chunks)
+        _log.error("cannot read object data: {error}", error=str(error))
+        raise ServiceUnavailable(
+            "The object's data cannot be read at the moment; too many shards are unavailable."
+        ) from None
+    except BaseException:
+        await _close(chunks)
+        raise
+
+    async def rest() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await _close(chunks)
+
+    return rest()
+
+
+async def _close(chunks: AsyncIterator[bytes]) -> None:
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
 
 
 async def head_object(call: S3Call) -> Any:
