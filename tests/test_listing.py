@@ -349,12 +349,12 @@ class ListObjectsTests(TestCase):
                 await self.store.delete_objects(bucket, deleted)
                 await self.assertListing(live, prefix, delimiter, start_after, max_keys, bucket)
 
-            _in_reactor(run)
+            in_reactor(run)
 
         await deferToThread(check)
 
 
-def _in_reactor(run: Callable[[], Any]) -> Any:
+def in_reactor(run: Callable[[], Any]) -> Any:
     """
     Run the coroutine function C{run} on the reactor from a thread (where
     hypothesis drives a test) and wait for its result.

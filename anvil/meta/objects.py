@@ -1188,9 +1188,9 @@ class ObjectStore:
         """
         if not requested:
             raise InvalidArgument("Completing a multipart upload needs at least one part.")
-        previous = 0
+        previous = None
         for number, _ in requested:
-            if number <= previous:
+            if previous is not None and number <= previous:
                 raise InvalidPartOrderError(number)
             previous = number
         if not upload_id or "\x00" in upload_id:
