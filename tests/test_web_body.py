@@ -427,6 +427,28 @@ class DispatchTests(SynchronousTestCase):
         self.assertEqual(response.body.split()[0], b"0")
         self.assertTrue(recorder.requests[0].body.ended)
 
+    def test_amz_header_names_lower_case(self) -> None:
+        """
+        C{x-amz-*} response headers go out with lower-case names, as S3
+        sends them (SDKs take user-metadata keys from them as sent); other
+        names keep Twisted's capitalisation.
+        """
+
+        async def handler(request: AnvilRequest) -> None:
+            request.setHeader(b"x-amz-meta-colour", b"Blue")
+            request.setHeader(b"X-Amz-Meta-Mixed-Case", b"v")
+            respond(request, 200, b"ok")
+
+        site, _, _ = make_site(handler)
+        client = Client(site)
+        client.send(client.request(b"GET"))
+        head = client.transport.value().split(b"\r\n\r\n")[0]
+        self.assertIn(b"\r\nx-amz-meta-colour: Blue\r\n", head)
+        self.assertIn(b"\r\nx-amz-meta-mixed-case: v\r\n", head)
+        self.assertIn(b"\r\nx-amz-request-id: ", head)
+        self.assertIn(b"\r\nx-amz-id-2: ", head)
+        self.assertIn(b"\r\nContent-Length: 2\r\n", head)
+
     def test_handler_crash_before_body(self) -> None:
         """
         A resource that raises while the body is still arriving gets

@@ -53,6 +53,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -514,6 +515,34 @@ class AnvilChannel(HTTPChannel):
             send_continue = self._send_continue
         request.gotLength(self.length, send_continue)
         request.dispatch_early(self._command, self._path, self._version)
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """
+        Write a response's status line and headers, with C{x-amz-*} names in
+        lower case.
+
+        Twisted capitalises header names (C{X-Amz-Meta-Colour}). S3 sends
+        its own headers in lower case, and SDKs derive user-metadata keys
+        from the names as sent, so capitalised names would change the keys
+        a client gets back (boto3 would return C{"Colour"} for C{"colour"}).
+
+        @param version: The HTTP version.
+        @param code: The status code, as bytes.
+        @param reason: The reason phrase.
+        @param headers: The response headers (L{Headers}; anything else is
+            left to Twisted).
+        """
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        lines = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            if name[:6].lower() == b"x-amz-":
+                name = name.lower()
+            for value in values:
+                lines.extend((name, b": ", value, b"\r\n"))
+        lines.append(b"\r\n")
+        self.transport.writeSequence(lines)
 
     def _send_continue(self) -> None:
         """
