@@ -124,6 +124,22 @@ class S3Stack:
     @ivar region: the node's region.
     """
 
+    config: NodeConfig
+    global_db: Database
+    regional_db: Database
+    global_store: GlobalStore
+    shards: LocalShardStore
+    storage_dirs: list[str]
+    cpu: CpuPool
+    io: CpuPool
+    metrics: Metrics
+    service: Any
+    site: AnvilSite
+    port: Any
+    endpoint_url: str
+    region: str
+    _channels: set[Any]
+
     def __init__(self, testcase: TestCase) -> None:
         self._testcase = testcase
         self._clients: list[Any] = []
@@ -162,7 +178,7 @@ class S3Stack:
         """
         self = cls(testcase)
         try:
-            from anvil.s3.service import S3Service, build_s3
+            from anvil.s3.service import build_s3
         except ModuleNotFoundError as e:
             raise SkipTest(f"the S3 stack is not complete yet: {e}") from None
 
@@ -209,7 +225,7 @@ class S3Stack:
 
         self.metrics = Metrics()
         try:
-            self.service: S3Service = build_s3(
+            self.service = build_s3(
                 self.config,
                 reactor,
                 global_store=self.global_store,
@@ -360,7 +376,7 @@ class S3Stack:
             )
 
         await gatherResults(
-            [semaphore.run(lambda key=key: Deferred.fromCoroutine(put(key))) for key in keys]
+            [semaphore.run(put, key) for key in keys]
         )
 
     # -- clients -------------------------------------------------------------
@@ -468,9 +484,8 @@ class S3Stack:
                     connection.putheader("Host", f"127.0.0.1:{port}")
                 for name, value in (headers or {}).items():
                     connection.putheader(name, value)
-                if body or method in ("PUT", "POST"):
-                    if "content-length" not in sent:
-                        connection.putheader("Content-Length", str(len(body)))
+                if (body or method in ("PUT", "POST")) and "content-length" not in sent:
+                    connection.putheader("Content-Length", str(len(body)))
                 connection.endheaders(body or None)
                 response = connection.getresponse()
                 data = response.read()

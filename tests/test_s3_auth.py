@@ -27,7 +27,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anvil.errors import NotFound
 from anvil.meta.records import Bucket
-from anvil.s3.authn import Authenticator, PayloadReader, Principal, authorize, content_md5_matches
+from anvil.s3.authn import (
+    Authenticator,
+    PayloadReader,
+    Principal,
+    authorize,
+    content_md5_matches,
+)
 from anvil.s3.errors import (
     AccessDenied,
     BadDigest,

@@ -19,7 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from anvil.config import NodeConfig, ApiSection
+from anvil.config import ApiSection, NodeConfig
 from anvil.errors import DatabaseUnavailable, NotFound
 from anvil.meta.records import Bucket
 from anvil.metrics import Metrics
@@ -445,7 +445,7 @@ class RenderingTests(SynchronousTestCase):
         site, metrics = _site()
         response = _request(site, "GET", "/no-such-bucket/some%20key?acl")
         self.assertEqual(_status(response), 404)
-        request_id = re.search(rb"x-amz-request-id: ([0-9A-F]{16})", response, re.I)
+        request_id = re.search(rb"x-amz-request-id: ([0-9A-F]{16})", response, re.IGNORECASE)
         assert request_id is not None
         self.assertIn(b"<Code>NoSuchBucket</Code>", response)
         self.assertIn(b"<Resource>/no-such-bucket/some key</Resource>", response)

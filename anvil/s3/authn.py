@@ -31,7 +31,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from anvil.errors import NotFound, SecretKeyMismatch
@@ -51,7 +50,13 @@ from anvil.s3.errors import (
     InvalidAccessKeyId,
     InvalidRequest,
 )
-from anvil.s3.sigv4 import AuthRequest, PayloadSha256, VerifiedAuth, parse_request_auth, verify
+from anvil.s3.sigv4 import (
+    AuthRequest,
+    PayloadSha256,
+    VerifiedAuth,
+    parse_request_auth,
+    verify,
+)
 
 if TYPE_CHECKING:
     from anvil.meta.records import Bucket
@@ -85,6 +90,10 @@ class _Cached:
     principal: Principal | None
 
 
+class _Clock(Protocol):
+    def seconds(self) -> float: ...
+
+
 class Authenticator:
     """
     Verifies SigV4 requests against app secrets, with a short cache.
@@ -101,7 +110,7 @@ class Authenticator:
     def __init__(
         self,
         global_store: GlobalStore,
-        clock: IReactorTime,
+        clock: _Clock,
         cache_seconds: float = 5.0,
         miss_seconds: float = 1.0,
     ) -> None:

@@ -87,7 +87,7 @@ class S3Resource(Resource):
         """
         @param service: the S3 service.
         """
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._service = service
         self._client_gone = _client_gone_errors()
 
@@ -178,7 +178,7 @@ class S3Resource(Resource):
             if request._disconnected:
                 return
             self._send_error(request, address, IncompleteBody())
-        except Exception:
+        except Exception:  # noqa: BLE001 - logged in full, answered as InternalError
             self._log.failure(
                 "S3 request {request_id} ({operation}) failed",
                 request_id=request.request_id,

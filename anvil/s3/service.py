@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.resource import IResource
 
 from anvil.config import NodeConfig
 from anvil.meta.store import GlobalStore
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
     from anvil.meta.buckets import BucketStore
     from anvil.meta.database import Database
     from anvil.meta.objects import ObjectStore
+    from anvil.s3.resource import S3Resource
     from anvil.storage.cpu import CpuPool
     from anvil.storage.engine import StorageEngine
     from anvil.storage.shardstore import LocalShardStore
@@ -129,7 +129,7 @@ class S3Service:
         self.authenticator = Authenticator(global_store, clock, cache_seconds=secret_cache_seconds)
         metrics.declare_operations(API_S3, OPERATION_NAMES)
 
-    def resource(self) -> IResource:
+    def resource(self) -> S3Resource:
         """
         Make the S3 resource tree for this service.
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from xml.sax.saxutils import escape
-
+from typing import Any
 from xml.parsers import expat
+from xml.sax.saxutils import escape
 
 from anvil.s3.errors import MalformedXML
 
@@ -277,7 +277,7 @@ def parse_xml(body: bytes, root: str, max_size: int = MAX_REQUEST_XML) -> XmlNod
         if stack:
             stack[-1]._text.append(data)
 
-    def refuse(*args: object) -> None:
+    def refuse(*args: Any) -> Any:
         raise _Refused()
 
     parser.StartElementHandler = start

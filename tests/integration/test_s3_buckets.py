@@ -13,7 +13,7 @@ import datetime as dt
 import hashlib
 import time
 import xml.etree.ElementTree as ET
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import botocore.auth
@@ -54,7 +54,7 @@ class _Base(TestCase):
     One stack and one app with full rights in tenant C{acme}.
     """
 
-    stack_options: dict[str, Any] = {}
+    stack_options: ClassVar[dict[str, Any]] = {}
 
     async def setUp(self) -> None:
         self.s3 = await S3Stack.start(self, **self.stack_options)
@@ -467,7 +467,7 @@ class ListingTests(_Base):
         for operation in ("list_objects_v2", "list_objects"):
             paginator = self.client.get_paginator(operation)
 
-            def collect() -> list[str]:
+            def collect(paginator: Any = paginator) -> list[str]:
                 found = []
                 for page in paginator.paginate(Bucket="photos", PaginationConfig={"PageSize": 300}):
                     found.extend(o["Key"] for o in page.get("Contents", []))
@@ -542,7 +542,7 @@ class ListingTests(_Base):
         _, _, page = await self.keys(FetchOwner=True)
         self.assertEqual(page["Contents"][0]["Owner"]["DisplayName"], "acme")
         self.assertEqual(page["Contents"][0]["Size"], 1)
-        self.assertEqual(page["Contents"][0]["ETag"], '"%s"' % hashlib.md5(b"x").hexdigest())
+        self.assertEqual(page["Contents"][0]["ETag"], f'"{hashlib.md5(b"x").hexdigest()}"')
         self.assertEqual(page["Contents"][0]["StorageClass"], "STANDARD")
 
     async def test_bad_continuation_token(self) -> None:
@@ -589,7 +589,7 @@ class ListingTests(_Base):
         page = await self.s3.call(self.client.list_objects_v2, Bucket="photos")
         entry = page["Contents"][0]
         self.assertEqual((entry["Key"], entry["Size"]), ("p q", 5))
-        self.assertEqual(entry["ETag"], '"%s"' % hashlib.md5(b"hello").hexdigest())
+        self.assertEqual(entry["ETag"], f'"{hashlib.md5(b"hello").hexdigest()}"')
 
 
 class DeleteObjectsTests(_Base):
@@ -735,7 +735,7 @@ class AuthenticationTests(_Base):
     SigV4 failures as boto3 meets them.
     """
 
-    stack_options = {"secret_cache_seconds": 0.5}
+    stack_options: ClassVar[dict[str, Any]] = {"secret_cache_seconds": 0.5}
 
     async def test_wrong_secret(self) -> None:
         """

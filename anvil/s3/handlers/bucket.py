@@ -77,7 +77,7 @@ from anvil.s3.request import MAX_KEY_BYTES, parse_int
 from anvil.s3.xml import XSI_NAMESPACE, Element, document, iso8601, parse_xml
 
 if TYPE_CHECKING:
-    from anvil.meta.records import Bucket, ObjectRecord
+    from anvil.meta.records import Bucket, ObjectRecord, ObjectSummary
 
 #: Bucket names the node's own endpoints use (C{/ready}, C{/metrics}).
 RESERVED_BUCKET_NAMES = frozenset({"ready", "metrics"})
@@ -208,12 +208,15 @@ def _max_keys(call: S3Call, name: str = "max-keys") -> int:
     return min(number, MAX_KEYS)
 
 
-def _etag(record: ObjectRecord) -> str:
+def _etag(record: ObjectSummary) -> str:
     return f'"{record.etag}"'
 
 
-def _storage_class(record: ObjectRecord) -> str:
-    return record.system_metadata.get("x-amz-storage-class", "STANDARD")
+def _storage_class(record: ObjectSummary) -> str:
+    # Listings read summaries; a storage class other than STANDARD is kept
+    # with the object's system metadata when the summary carries it.
+    stored: Any = getattr(record, "system_metadata", None) or {}
+    return str(getattr(record, "storage_class", None) or stored.get("x-amz-storage-class", "STANDARD"))
 
 
 # Service level ----------------------------------------------------------------
@@ -391,7 +394,7 @@ async def delete_bucket(call: S3Call) -> S3Response:
 
 def _contents(
     parent: Element,
-    record: ObjectRecord,
+    record: ObjectSummary,
     url: bool,
     owner: tuple[str, str] | None,
     tag: str = "Contents",
@@ -615,8 +618,8 @@ async def delete_objects(call: S3Call) -> S3Response:
             if version is not None and version != "null":
                 raise NoSuchVersion()
             call.authorize("object:delete", bucket, key)
-        except S3Error as error:
-            errors.append((key, version, error))
+        except S3Error as refused:
+            errors.append((key, version, refused))
             continue
         to_delete.append((key, version))
     objects = call.service.objects
@@ -632,12 +635,12 @@ async def delete_objects(call: S3Call) -> S3Response:
             entry = root.child("Deleted")
             entry.text("Key", key)
             entry.optional("VersionId", version)
-    for key, version, error in errors:
+    for key, version, failure in errors:
         entry = root.child("Error")
         entry.text("Key", key)
         entry.optional("VersionId", version)
-        entry.text("Code", error.code)
-        entry.text("Message", error.message)
+        entry.text("Code", failure.code)
+        entry.text("Message", failure.message)
     return _xml(root)
 
 
