@@ -526,7 +526,9 @@ class ContentWriter:
         self._busy = False
         self._state = "open"
         self._aborting: _Work[None] | None = None
-        self._finalizer = weakref.finalize(self, _finalize_writer, self._writers, self._log)
+        # The class's logger: an instance's (self._log) would refer to the
+        # writer and keep it alive for ever.
+        self._finalizer = weakref.finalize(self, _finalize_writer, self._writers, ContentWriter._log)
 
     # -- properties ----------------------------------------------------------
 
