@@ -31,10 +31,10 @@ def metadata(response: dict[str, Any]) -> dict[str, str]:
     """
     The user metadata of a GetObject/HeadObject response, names lower-cased.
 
-    botocore keeps the header name's case after C{x-amz-meta-}; Twisted
-    capitalises response header names (see
-    L{KeyTests.test_metadata_names_lower_case_on_the_wire}), so names are
-    compared case-insensitively here.
+    botocore keeps the header name's case after C{x-amz-meta-}; the node
+    sends them in lower case as S3 does (checked on the wire by
+    L{MetadataNameTests}), and these helpers compare case-insensitively so
+    that other tests do not depend on it.
     """
     return {name.lower(): value for name, value in response.get("Metadata", {}).items()}
 
@@ -650,11 +650,6 @@ class MetadataNameTests(ObjectTestCase):
 
         raw = await self.s3.call(fetch)
         self.assertIn(b"\r\nx-amz-meta-colour: blue\r\n", raw)
-
-    test_metadata_names_lower_case_on_the_wire.todo = (  # type: ignore[attr-defined]
-        "twisted.web capitalises response header names (X-Amz-Meta-Colour); the web layer "
-        "(AnvilChannel.writeHeaders) must send x-amz-* names in lower case"
-    )
 
 
 class CopyTests(ObjectTestCase):
