@@ -386,3 +386,7 @@ class PipelineBenchTests(SynchronousTestCase):
         self.assertEqual(names[:2], ["md5", "sha256"])
         self.assertIn("zfec encode 3+2 (ErasureCodec.encode_stripe)", names)
         self.assertIn("md5+sha256+encode+crc32, 2 threads, 2 streams", names)
+        self.assertEqual(
+            names[-4:],
+            ["engine write, 1 stream", "engine read, 1 stream", "engine write, 4 streams", "engine read, 4 streams"],
+        )
