@@ -5,7 +5,7 @@ Tests for L{anvil.meta.buckets.BucketStore} on a real PostgreSQL.
 
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import UTC
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
@@ -48,7 +48,7 @@ class BucketStoreTests(TestCase):
             (bucket.name, bucket.tenant_id, bucket.tenant_name, bucket.region, bucket.public),
             ("photos", self.acme, "acme", "eu-west-1", False),
         )
-        self.assertEqual(bucket.created_at.tzinfo, timezone.utc)
+        self.assertEqual(bucket.created_at.tzinfo, UTC)
         self.assertEqual(bucket.created_at.microsecond % 1000, 0)
         self.assertEqual(await self.store.get_bucket("photos"), bucket)
         self.assertEqual(await self.store.get_bucket_by_id(bucket.id), bucket)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from itertools import count
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,8 +28,6 @@ from anvil.meta.database import Database
 from anvil.meta.objects import ListResult, ObjectStore
 from anvil.meta.records import ObjectSummary
 from tests.test_objects import object_of, put, refcount_errors, regional_database
-
-_T = TypeVar("_T")
 
 #: Characters keys are drawn from: the delimiter, LIKE metacharacters, URL
 #: specials, the smallest and largest characters a key can hold, both sides

@@ -8,9 +8,10 @@ uploads), with exact reference counts, on a real PostgreSQL.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import timedelta
 from itertools import count
-from typing import Any, Sequence
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,8 +33,15 @@ from anvil.meta.objects import (
     UploadList,
 )
 from anvil.meta.records import ContentRecord, Part, truncate_to_ms
-from tests.test_listing import ALPHABET, DELIMITERS, in_reactor, common_prefix
-from tests.test_objects import WHEN, content_of, put, refcount, refcount_errors, regional_database
+from tests.test_listing import ALPHABET, DELIMITERS, common_prefix, in_reactor
+from tests.test_objects import (
+    WHEN,
+    content_of,
+    put,
+    refcount,
+    refcount_errors,
+    regional_database,
+)
 
 
 def part_of(number: int, data: bytes, when: Any = WHEN) -> tuple[Part, ContentRecord]:

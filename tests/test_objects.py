@@ -11,10 +11,10 @@ tests.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
@@ -35,7 +35,7 @@ from anvil.meta.objects import (
 from anvil.meta.records import ContentRecord, ManifestPart, ObjectRecord, truncate_to_ms
 from tests.pg import fresh_database
 
-WHEN = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+WHEN = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 # -- helpers shared with test_listing and test_multipart_meta ------------------
@@ -148,11 +148,11 @@ class RecordTests(SynchronousTestCase):
         """
         self.assertEqual(truncate_to_ms(WHEN), WHEN.replace(microsecond=123000))
         other_zone = WHEN.astimezone(timezone(timedelta(hours=5)))
-        self.assertEqual(truncate_to_ms(other_zone).tzinfo, timezone.utc)
+        self.assertEqual(truncate_to_ms(other_zone).tzinfo, UTC)
         self.assertEqual(truncate_to_ms(other_zone), WHEN.replace(microsecond=123000))
         self.assertEqual(
             truncate_to_ms(datetime(2024, 1, 1, 0, 0, 0, 999999)),
-            datetime(2024, 1, 1, 0, 0, 0, 999000, tzinfo=timezone.utc),
+            datetime(2024, 1, 1, 0, 0, 0, 999000, tzinfo=UTC),
         )
 
     def test_manifest_json(self) -> None:
@@ -285,7 +285,7 @@ class ObjectStoreTests(TestCase):
         self.assertIsNone(await self.store.put_object(record, [content]))
         got = await self.store.get_object(7, "dir/file.txt")
         self.assertEqual(got, record.__class__(**{**record.__dict__, "last_modified": truncate_to_ms(WHEN)}))
-        self.assertEqual(got.last_modified.tzinfo, timezone.utc)
+        self.assertEqual(got.last_modified.tzinfo, UTC)
         self.assertEqual(got.last_modified.microsecond, 123000)
         self.assertIsNone(await self.store.get_object(8, "dir/file.txt"))
         self.assertIsNone(await self.store.get_object(7, "dir/file.tx"))
@@ -539,7 +539,7 @@ class ConcurrencyTests(TestCase):
             )
             self.assertEqual(len(rows), 1)
             etag, content_hash = rows[0]
-            winner = [r for r, _ in records if r.etag == etag][0]
+            winner = next(r for r, _ in records if r.etag == etag)
             self.assertEqual(content_hash, winner.manifest[0].content_hash)
             # Exactly one of the two replaced the other (or an earlier
             # round's object).

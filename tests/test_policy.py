@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from anvil.meta.store import check_resource
-from anvil.s3.policy import ACTIONS, action_matches, glob_matches, is_allowed, resource_matches
+from anvil.s3.policy import (
+    ACTIONS,
+    action_matches,
+    glob_matches,
+    is_allowed,
+    resource_matches,
+)
 
 #: Policy actions as the admin CLI accepts them.
 GRANTABLE = sorted(ACTIONS | {"*", "bucket:*", "object:*"})

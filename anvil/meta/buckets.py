@@ -11,7 +11,8 @@ it, while the name is free again at once.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg2.errors
 

@@ -64,10 +64,15 @@ import hashlib
 import re
 import secrets
 from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import count
-from typing import Any, Awaitable, Callable, Collection, Iterable, Literal, Mapping, Sequence, TypeVar
+from typing import (
+    Any,
+    Literal,
+    TypeVar,
+)
 
 import psycopg2.errors
 from psycopg2.extras import Json
@@ -419,7 +424,7 @@ def _summary(row: Sequence[Any]) -> ObjectSummary:
     """
     bucket_id, key, size, etag, modified, checksums, parts = row
     return ObjectSummary(
-        bucket_id, key, size, etag, modified.replace(tzinfo=timezone.utc), checksums or {}, parts
+        bucket_id, key, size, etag, modified.replace(tzinfo=UTC), checksums or {}, parts
     )
 
 
@@ -1359,7 +1364,7 @@ def _check_object(record: ObjectRecord, contents: Sequence[ContentRecord]) -> Co
     @return: how many references each content gains.
     @raise InvalidArgument: when it does not.
     """
-    by_hash = {}
+    by_hash: dict[str, ContentRecord] = {}
     for content in contents:
         _check_content(content)
         if content.hash in by_hash:
@@ -1369,10 +1374,10 @@ def _check_object(record: ObjectRecord, contents: Sequence[ContentRecord]) -> Co
         raise InvalidArgument("An object's size cannot be negative.")
     offset = 0
     for index, piece in enumerate(record.manifest):
-        content = by_hash.get(piece.content_hash)
-        if content is None:
+        used = by_hash.get(piece.content_hash)
+        if used is None:
             raise InvalidArgument(f"The manifest names content {piece.content_hash}, which is not given.")
-        if piece.offset != offset or piece.length != content.size:
+        if piece.offset != offset or piece.length != used.size:
             raise InvalidArgument("The manifest's pieces must be whole contents placed end to end.")
         expected_part = None if record.parts_count is None else index + 1
         if piece.part_number != expected_part:

@@ -11,9 +11,10 @@ quotes S3 puts around them on the wire.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 
 def truncate_to_ms(moment: datetime) -> datetime:
@@ -27,8 +28,8 @@ def truncate_to_ms(moment: datetime) -> datetime:
         whole millisecond.
     """
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    moment = moment.astimezone(timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
+    moment = moment.astimezone(UTC)
     return moment.replace(microsecond=moment.microsecond - moment.microsecond % 1000)
 
 
@@ -125,7 +126,7 @@ class ManifestPart:
         return piece
 
     @classmethod
-    def from_json(cls, piece: dict[str, Any]) -> "ManifestPart":
+    def from_json(cls, piece: dict[str, Any]) -> ManifestPart:
         """
         Read a piece stored by L{to_json}.
         """

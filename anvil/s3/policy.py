@@ -23,7 +23,7 @@ S3 layer refuses another tenant's bucket whatever the policies say.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 #: The concrete actions a request can need.
 ACTIONS = frozenset(
