@@ -596,4 +596,5 @@ class HandlerResponseTests(SynchronousTestCase):
         self.assertEqual(_status(response), 500)
         self.assertIn(b"<Code>InternalError</Code>", response)
         self.assertNotIn(b"ETag", response)
-        self.assertIn(b"X-Amz-Request-Id", response)
+        self.assertIn(b"x-amz-request-id", response.lower())
+        self.assertIn(b"date:", response.lower())

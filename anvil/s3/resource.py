@@ -37,12 +37,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from anvil.errors import DatabaseUnavailable
+from anvil.errors import InvalidArgument as DomainInvalidArgument
 from anvil.s3 import dispatch
 from anvil.s3.authn import authorize
 from anvil.s3.dispatch import S3Call, S3Response
 from anvil.s3.errors import (
+    AccessDenied,
     IncompleteBody,
     InternalError,
+    InvalidArgument,
     KeyTooLongError,
     NoSuchBucket,
     S3Error,
@@ -148,6 +151,11 @@ class S3Resource(Resource):
                 if bucket is None:
                     raise NoSuchBucket(BucketName=address.bucket)
             authorize(principal, row.operation, row.action, bucket, address.bucket, address.key)
+            expected_owner = headers.get("x-amz-expected-bucket-owner")
+            if expected_owner is not None and bucket is not None and expected_owner != str(bucket.tenant_id):
+                # The caller's safeguard against writing into a bucket that
+                # changed hands; AWS answers 403.
+                raise AccessDenied()
             call = S3Call(
                 request,
                 service,
@@ -174,6 +182,10 @@ class S3Resource(Resource):
                 reason=str(e),
             )
             self._send_error(request, address, ServiceUnavailable())
+        except DomainInvalidArgument as e:
+            # Domain code refusing a value the request supplied: the
+            # client's mistake, explained in one sentence.
+            self._send_error(request, address, InvalidArgument(str(e)))
         except self._client_gone:
             if request._disconnected:
                 return
@@ -240,10 +252,10 @@ class S3Resource(Resource):
             return
         # A handler may have set the headers of a success (ETag, Content-
         # Length of an object) before its body failed to start: keep only
-        # the request ids.
+        # the request ids and what the server sets for every response.
         kept = {
             name: request.responseHeaders.getRawHeaders(name)
-            for name in (b"x-amz-request-id", b"x-amz-id-2")
+            for name in (b"x-amz-request-id", b"x-amz-id-2", b"date", b"server")
         }
         for name, _ in list(request.responseHeaders.getAllRawHeaders()):
             request.responseHeaders.removeHeader(name)

@@ -241,6 +241,20 @@ class BucketTests(_Base):
         await self.s3.call(self.client.delete_object, Bucket="photos", Key="k")
         await self.s3.call(self.client.delete_bucket, Bucket="photos")
 
+    async def test_expected_owner(self) -> None:
+        """
+        x-amz-expected-bucket-owner other than the bucket's owner is
+        AccessDenied.
+        """
+        await self.create("photos")
+        listing = await self.s3.call(self.client.list_buckets)
+        owner = listing["Owner"]["ID"]
+        await self.s3.call(self.client.list_objects_v2, Bucket="photos", ExpectedBucketOwner=owner)
+        error = await self.s3.client_error(
+            self.client.list_objects_v2, Bucket="photos", ExpectedBucketOwner="999999"
+        )
+        self.assertEqual((status(error), code(error)), (403, "AccessDenied"))
+
     async def test_missing_bucket(self) -> None:
         """
         Operations on a missing bucket are NoSuchBucket with the bucket
@@ -495,7 +509,8 @@ class ListingTests(_Base):
             "tab\there",
             "~tilde",
         ]
-        await self.s3.insert_objects("photos", special)
+        for key in special:
+            await self.s3.call(self.client.put_object, Bucket="photos", Key=key, Body=b"x")
         expected = sorted(special, key=lambda k: k.encode("utf-8"))
         keys, _, _ = await self.keys()
         self.assertEqual(keys, expected)

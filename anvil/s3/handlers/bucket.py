@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from anvil.errors import InvalidArgument as DomainInvalidArgument
 from anvil.s3.authn import is_allowed
 from anvil.s3.checksums import checksum_from_headers
 from anvil.s3.dispatch import S3Call, S3Response
@@ -329,6 +330,8 @@ async def create_bucket(call: S3Call) -> S3Response:
 
     try:
         await call.service.buckets.create_bucket(name, principal.tenant_id, call.service.region)
+    except DomainInvalidArgument as e:
+        raise InvalidBucketName(str(e), BucketName=name) from None
     except BucketNameTaken as taken:
         if taken.owned_by_caller:
             raise BucketAlreadyOwnedByYou(BucketName=name) from None
