@@ -77,7 +77,7 @@ def _private_reactor() -> Any:
     try:
         from twisted.internet.epollreactor import EPollReactor
 
-        return EPollReactor()
+        return EPollReactor()  # type: ignore[no-untyped-call]
     except ImportError:  # pragma: no cover - not Linux
         from twisted.internet.selectreactor import SelectReactor
 

@@ -7,6 +7,8 @@ zfec, and either inline pools (L{CpuPool.synchronous}), pools stepped by hand
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 import hashlib
 import os
@@ -249,21 +251,11 @@ class WriterTests(EngineMixin, SynchronousTestCase):
             engine = self.make_engine(dirs=dirs)
             for size in (0, 1, STRIPE - 1, STRIPE, STRIPE + 1, 3 * STRIPE + 17, 5 * STRIPE):
                 data = _content(size, seed=dirs)
-                writer_md5: list[str | None] = []
-
-                async def go() -> Any:
-                    writer = engine.new_writer()
-                    for offset in range(0, len(data), 7001):
-                        await writer.write(data[offset : offset + 7001])
-                    record = await writer.finish()
-                    writer_md5.append(writer.md5_hex)
-                    self.assertEqual(writer.md5_digest, hashlib.md5(data).digest())
-                    await writer.commit()
-                    return record
-
-                record = self.sync(go())
+                record, writer = self.sync(self._write(engine, data))
                 self.assertEqual(record.hash, hashlib.sha256(data).hexdigest())
-                self.assertEqual(writer_md5, [hashlib.md5(data).hexdigest()])
+                self.assertEqual(writer.md5_hex, hashlib.md5(data).hexdigest())
+                self.assertEqual(writer.md5_digest, hashlib.md5(data).digest())
+                self.assertEqual(writer.state, "committed")
                 self.assertEqual((record.size, record.k, record.m, record.stripe_size), (size, K, M, STRIPE))
                 self.assertEqual(self.get(engine, record), data, (dirs, size))
                 if size == 0:
@@ -276,6 +268,19 @@ class WriterTests(EngineMixin, SynchronousTestCase):
             # Six contents with shards, each in k+m files.
             self.assertEqual(len(_files(engine.shards, "shards")), 6 * TOTAL)
             self.assertEqual(self.reports, [])
+
+    async def _write(self, engine: StorageEngine, data: bytes) -> tuple[Any, ContentWriter]:
+        """
+        Write C{data} in 7001-byte pieces, finish and commit.
+
+        @return: The record and the writer.
+        """
+        writer = engine.new_writer()
+        for offset in range(0, len(data), 7001):
+            await writer.write(data[offset : offset + 7001])
+        record = await writer.finish()
+        await writer.commit()
+        return record, writer
 
     def test_shard_map_names_the_files(self) -> None:
         """
@@ -373,9 +378,9 @@ class WriterTests(EngineMixin, SynchronousTestCase):
         Aborting before or after C{finish} removes every temporary file.
         """
         engine = self.make_engine(dirs=2)
-        for finish in (False, True):
+        for finishing in (False, True):
 
-            async def go() -> None:
+            async def go(finish: bool = finishing) -> None:
                 writer = engine.new_writer()
                 await writer.write(_content(3 * STRIPE + 1))
                 self.assertEqual(len(_files(engine.shards, "tmp")), TOTAL)
@@ -471,6 +476,23 @@ class WriterTests(EngineMixin, SynchronousTestCase):
 
         self.sync(go())
         self.assertTrue(issubclass(WriterClosed, AnvilError))
+
+    def test_abort_after_pools_stopped(self) -> None:
+        """
+        When the io pool has stopped (the node is shutting down), C{abort}
+        removes the files itself.
+        """
+        io = CpuPool.synchronous()
+        engine = self.make_engine(io=io)
+
+        async def go() -> None:
+            writer = engine.new_writer()
+            await writer.write(_content(2 * STRIPE))
+            await io.stopService()
+            await writer.abort()
+
+        self.sync(go())
+        self.assertEqual(_files(engine.shards, "tmp"), [])
 
     def test_dropped_writer_removes_its_files(self) -> None:
         """
@@ -756,7 +778,8 @@ class ReaderTests(EngineMixin, SynchronousTestCase):
         offsets += [HEADER_SIZE + block + TRAILER_SIZE + 7]  # stripe 1
         for index in range(TOTAL):
             path = self.shard_file(engine, record, index)
-            pristine = open(path, "rb").read()
+            with open(path, "rb") as f:
+                pristine = f.read()
             for offset in offsets + [len(pristine) - 1]:
                 self.reports.clear()
                 _flip(path, offset)
@@ -806,7 +829,8 @@ class ReaderTests(EngineMixin, SynchronousTestCase):
         saved = []
         for index, position in zip(shards, where):
             path = self.shard_file(engine, record, index)
-            pristine = open(path, "rb").read()
+            with open(path, "rb") as f:
+                pristine = f.read()
             saved.append((path, pristine))
             _flip(path, position % len(pristine))
         try:
@@ -896,7 +920,7 @@ class ReaderTests(EngineMixin, SynchronousTestCase):
         path = self.shard_file(engine, record, 2)
         target = ShardMap.from_json(record.shard_map).target(2)
         assert target is not None
-        elsewhere = [d for d in engine.shards.data_dirs if d != target.dir][0]
+        elsewhere = next(d for d in engine.shards.data_dirs if d != target.dir)
         moved = engine.shards.shard_path(elsewhere, bytes.fromhex(record.hash), 2)
         os.makedirs(os.path.dirname(moved), exist_ok=True)
         os.rename(path, moved)
@@ -911,8 +935,9 @@ class ReaderTests(EngineMixin, SynchronousTestCase):
         engine = self.make_engine()
         data = _content(STRIPE + 5)
         record = self.put(engine, data)
-        stored = record.shard_map
+        stored = copy.deepcopy(record.shard_map)
         stored["shards"][0]["node"] = "node-2"
+        record = dataclasses.replace(record, shard_map=stored)
         with capturedLogs():
             self.assertEqual(self.get(engine, record), data)
         self.assertEqual(self.reports, [(record.hash, 0, 0)])
@@ -970,7 +995,7 @@ class ReaderTests(EngineMixin, SynchronousTestCase):
         engine = self.make_engine()
         data = _content(4 * STRIPE)
         record = self.put(engine, data)
-        fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+        fds = lambda: len(os.listdir("/proc/self/fd"))
         before = fds()
         reader = engine.read(record)
         self.assertIsInstance(reader, ContentReader)

@@ -89,39 +89,26 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from anvil.errors import AnvilError
-from anvil.storage.cpu import CpuPool
+from anvil.meta.records import ContentRecord
+from anvil.storage.cpu import CpuPool, PoolStopped
 from anvil.storage.erasure import Block, ErasureCodec, ErasureParams
 from anvil.storage.placement import LocalPlacement, Placement, ShardMap
 from anvil.storage.ranges import data_block_slices, stripe_slices
-from anvil.storage.shardfile import BadShardHeader, CorruptShard, ShardReader, ShardWriter
+from anvil.storage.shardfile import (
+    BadShardHeader,
+    CorruptShard,
+    ShardReader,
+    ShardWriter,
+)
 from anvil.storage.shardstore import LocalShardStore, ShardNotFound
 
-try:
-    from anvil.meta.records import ContentRecord
-except ImportError:  # pragma: no cover - until the metadata records land
-
-    @dataclass(frozen=True)
-    class ContentRecord:  # type: ignore[no-redef]
-        """
-        Stand-in with the contract's fields until L{anvil.meta.records} exists.
-        """
-
-        hash: str
-        size: int
-        k: int
-        m: int
-        stripe_size: int
-        shard_map: dict[str, Any]
-        inline_data: bytes | None
-
-
 __all__ = [
+    "MAX_STRIPES_IN_FLIGHT",
+    "ContentReader",
     "ContentUnavailable",
     "ContentWriter",
-    "ContentReader",
     "StorageEngine",
     "WriterClosed",
-    "MAX_STRIPES_IN_FLIGHT",
 ]
 
 #: Stripes of one upload handed to the pipeline and not yet written; one
@@ -825,7 +812,12 @@ class ContentWriter:
                 break
             for work in pending:
                 await work.settle()
-        await _Work(self._io.run(_abort_writers, self._writers)).wait()
+        try:
+            await _Work(self._io.run(_abort_writers, self._writers)).wait()
+        except PoolStopped:
+            # The node is shutting down: remove the files here rather than
+            # leave them to the next start's sweep.
+            _abort_writers(self._writers)
         self._finalizer.detach()
         self._held.clear()
         self._free.clear()
