@@ -501,7 +501,6 @@ class ContentWriter:
         # turn out to be inline: (buffer, length).
         self._held: list[tuple[bytearray, int]] = []
         self._free: list[bytearray] = []
-        self._stripes = 0
         self._in_flight: deque[_Work[None]] = deque()
         self._work: set[_Work[Any]] = set()
         self._writers: list[ShardWriter] = []
@@ -643,13 +642,11 @@ class ContentWriter:
                 )
 
     def _dispatch(self, buffer: bytearray, length: int) -> None:
-        index = self._stripes
-        self._stripes += 1
-        work = self._track(Deferred.fromCoroutine(self._run_stripe(index, buffer, length)))
+        work = self._track(Deferred.fromCoroutine(self._run_stripe(buffer, length)))
         if not work.done:
             self._in_flight.append(work)
 
-    async def _run_stripe(self, index: int, buffer: bytearray, length: int) -> None:
+    async def _run_stripe(self, buffer: bytearray, length: int) -> None:
         """
         Hash, encode and write one stripe; never raises (failures are kept
         in C{_error} and raised by the next call).
