@@ -154,6 +154,7 @@ def build_s3(
     shards: LocalShardStore | None = None,
     node_id: str = "local",
     on_corrupt: Any = None,
+    virtual_host_domains: Sequence[str] | None = None,
 ) -> S3Service:
     """
     Build the S3 service of a node from its configuration and open
@@ -173,6 +174,8 @@ def build_s3(
     @param node_id: this node's id, recorded in shard maps.
     @param on_corrupt: called by the engine as C{(hash, shard_index,
         stripe)} for each corrupt shard block found on read.
+    @param virtual_host_domains: base domains for virtual-host style
+        addressing (default: L{default_virtual_host_domains}).
     @return: the service; mount C{service.resource()}.
     """
     from anvil.meta.buckets import BucketStore
@@ -202,4 +205,5 @@ def build_s3(
         ObjectStore(regional_db),
         engine,
         metrics,
+        virtual_host_domains=virtual_host_domains,
     )
