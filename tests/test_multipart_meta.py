@@ -33,7 +33,14 @@ from anvil.meta.objects import (
     UploadList,
 )
 from anvil.meta.records import ContentRecord, Part, truncate_to_ms
-from tests.test_listing import ALPHABET, DELIMITERS, common_prefix, in_reactor
+from tests.test_listing import (
+    ALPHABET,
+    DELIMITERS,
+    RecordingDatabase,
+    common_prefix,
+    in_reactor,
+    plan_nodes,
+)
 from tests.test_objects import (
     WHEN,
     content_of,
@@ -495,6 +502,34 @@ class ListUploadsTests(TestCase):
         gone = made.pop()
         await self.store.abort_upload(gone[1])
         await self.assertUploads(made, "", None, None, None, 3)
+
+    async def test_plan(self) -> None:
+        """
+        Paging through many uploads of one key reads, at each step, one
+        entry of the (key, upload id) index, not the key's other uploads.
+        """
+        await self.db.run_operation(
+            """
+            INSERT INTO multipart_uploads (upload_id, bucket_id, key)
+            SELECT md5(i::text), 1, CASE WHEN i < 3000 THEN 'hot' ELSE 'k' || i END
+              FROM generate_series(0, 5999) i
+            """
+        )
+        await self.db.run_operation("ANALYZE multipart_uploads")
+        recorder = RecordingDatabase(self.db)
+        store = ObjectStore(recorder)  # type: ignore[arg-type]
+        [marker] = (await store.list_uploads(1, "hot", max_uploads=1)).uploads
+        for delimiter in (None, "/"):
+            recorder.queries.clear()
+            page = await store.list_uploads(1, "", delimiter, "hot", marker.upload_id, 20)
+            self.assertEqual(len(page.uploads), 20)
+            [(sql, params)] = recorder.queries
+            nodes = await plan_nodes(self.db, sql, params)
+            scans = [n for n in nodes if n.get("Relation Name") == "multipart_uploads" and "Index" in n["Node Type"]]
+            self.assertNotIn("Seq Scan", {n["Node Type"] for n in nodes})
+            self.assertIn("multipart_uploads_walk", {n["Index Name"] for n in scans})
+            walked = sum(n["Actual Rows"] * n["Actual Loops"] for n in scans if n["Index Name"] == "multipart_uploads_walk")
+            self.assertLessEqual(walked, 21)
 
     async def test_random_listings(self) -> None:
         """

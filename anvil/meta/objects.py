@@ -624,24 +624,30 @@ _LIST_PLAIN = (
 
 #: Walk the live keys from %(lower)s: each step is one index probe for the
 #: next key, past the previous key or, when that rolled up into a common
-#: prefix, past every key starting with the prefix.
+#: prefix, past every key starting with the prefix.  The listed columns
+#: travel with the walk: joining back to the table afterwards could make
+#: the planner hash the whole table.
 _LIST_WALK = (
     """
-WITH RECURSIVE walk(n, id, key, cp) AS (
-    SELECT 1, f.id, f.key, f.cp FROM (
-        SELECT o.id, o.key, """
+WITH RECURSIVE walk(n, cp, bucket_id, key, size, etag, last_modified, checksums, parts_count) AS (
+    SELECT 1, f.* FROM (
+        SELECT """
     + _CP.format(t="o")
-    + """ AS cp
+    + ", "
+    + _summary_columns("o")
+    + """
           FROM objects o
          WHERE o.bucket_id = %(bucket_id)s AND o.deleted_at IS NULL AND o.key >= %(lower)s {upper}
          ORDER BY o.key
          LIMIT 1) f
     UNION ALL
-    SELECT w.n + 1, f.id, f.key, f.cp
+    SELECT w.n + 1, f.*
       FROM walk w CROSS JOIN LATERAL (
-        SELECT o.id, o.key, """
+        SELECT """
     + _CP.format(t="o")
-    + """ AS cp
+    + ", "
+    + _summary_columns("o")
+    + """
           FROM objects o
          WHERE o.bucket_id = %(bucket_id)s AND o.deleted_at IS NULL
            AND o.key >= CASE WHEN w.cp IS NULL THEN w.key || chr(1)
@@ -651,30 +657,27 @@ WITH RECURSIVE walk(n, id, key, cp) AS (
          LIMIT 1) f
      WHERE w.n < %(limit)s
 )
-SELECT w.cp, """
-    + _summary_columns("o")
-    + """
-  FROM walk w LEFT JOIN objects o ON o.id = w.id AND w.cp IS NULL
- ORDER BY w.n
+SELECT cp, bucket_id, key, size, etag, last_modified, checksums, parts_count
+  FROM walk
+ ORDER BY n
 """
 )
 
 #: The same walk over multipart uploads, ordered by (key, upload id).
 #: {cp} is the common prefix expression (NULL without a delimiter).
-_UPLOADS_WALK = (
-    """
-WITH RECURSIVE walk(n, upload_id, key, cp) AS (
-    SELECT 1, f.upload_id, f.key, f.cp FROM (
-        SELECT u.upload_id, u.key, {cp} AS cp
+_UPLOADS_WALK = """
+WITH RECURSIVE walk(n, cp, upload_id, bucket_id, key, metadata, created_at) AS (
+    SELECT 1, f.* FROM (
+        SELECT {cp}, u.upload_id, u.bucket_id, u.key, u.metadata, u.created_at
           FROM multipart_uploads u
          WHERE u.bucket_id = %(bucket_id)s
            AND (u.key, u.upload_id COLLATE "C") > (%(lower_key)s, %(lower_id)s) {upper}
          ORDER BY u.key, u.upload_id COLLATE "C"
          LIMIT 1) f
     UNION ALL
-    SELECT w.n + 1, f.upload_id, f.key, f.cp
+    SELECT w.n + 1, f.*
       FROM walk w CROSS JOIN LATERAL (
-        SELECT u.upload_id, u.key, {cp} AS cp
+        SELECT {cp}, u.upload_id, u.bucket_id, u.key, u.metadata, u.created_at
           FROM multipart_uploads u
          WHERE u.bucket_id = %(bucket_id)s
            AND (u.key, u.upload_id COLLATE "C") >
@@ -685,13 +688,10 @@ WITH RECURSIVE walk(n, upload_id, key, cp) AS (
          LIMIT 1) f
      WHERE w.n < %(limit)s
 )
-SELECT w.cp, """
-    + ", ".join("u." + c.strip() for c in _UPLOAD_COLUMNS.split(","))
-    + """
-  FROM walk w LEFT JOIN multipart_uploads u ON u.upload_id = w.upload_id AND w.cp IS NULL
- ORDER BY w.n
+SELECT cp, upload_id, bucket_id, key, metadata, created_at
+  FROM walk
+ ORDER BY n
 """
-)
 
 
 class ObjectStore:

@@ -37,9 +37,13 @@ ALTER TABLE objects ADD COLUMN parts_count INTEGER
     CHECK (parts_count BETWEEN 1 AND 10000);
 
 -- ListMultipartUploads walks (key, upload id) in byte order; upload ids are
--- compared as S3 says, lexicographically, whatever the database collation.
+-- compared as S3 says, lexicographically, whatever the database collation
+-- (they start with their initiation time, so this is also initiation
+-- order).  The (key, created_at) index it replaces tempted the planner
+-- into sorting each key's uploads at every step of the walk.
 CREATE INDEX multipart_uploads_walk
     ON multipart_uploads (bucket_id, key, upload_id COLLATE "C");
+DROP INDEX multipart_uploads_listing;
 
 -- The smallest string greater than every string starting with s (NULL when
 -- there is none): the last character that is not U+10FFFF is incremented
