@@ -55,7 +55,8 @@ delimiter; with one, a recursive query that walks the key index one entry
 at a time and jumps past each common prefix with a new index probe
 (C{key >= anvil_key_successor(prefix)}), never reading the keys under it.
 Prefixes are ranges, never C{LIKE} patterns, so C{%} and C{_} in keys are
-plain characters.
+plain characters.  Pages hold L{ObjectSummary}s: decoding every object's
+manifest and metadata would cost more than the query.
 """
 
 from __future__ import annotations
@@ -481,6 +482,11 @@ def _positional(sql: str, params: Mapping[str, Any]) -> tuple[str, tuple[Any, ..
 
 
 def _check_content(content: ContentRecord) -> None:
+    """
+    Check that a content record can be stored and read back unchanged.
+
+    @raise InvalidArgument: when it cannot.
+    """
     if not isinstance(content.hash, str) or not _HASH.fullmatch(content.hash):
         raise InvalidArgument(f"Content hash {content.hash!r} is not 64 lower-case hex digits.")
     if content.size < 0 or content.k < 1 or content.m < 0 or content.stripe_size < 1:
@@ -732,6 +738,10 @@ class ObjectStore:
         raise AssertionError("unreachable")
 
     def _check_released(self, expected: int, released: int, what: str) -> None:
+        """
+        Log an error when fewer content rows lost references than should
+        have (C{what} names the operation).
+        """
         if expected != released:
             # A content row that a manifest or a part names is gone: the
             # data is lost or the refcounts were wrong before.  Say so.
