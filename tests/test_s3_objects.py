@@ -148,6 +148,19 @@ class PutGetTests(ObjectTestCase):
             _, body = await self.get(key)
             self.assertEqual(body, data)
 
+    async def test_identical_inline_contents_deduplicated(self) -> None:
+        """Small (inline) contents are shared by reference too."""
+        data = b"small and shared"
+        await self.put("a", data)
+        await self.put("b", data)
+        rows = await self.s3.regional_db.run_query(
+            "SELECT refcount FROM contents WHERE hash = %s", (hashlib.sha256(data).hexdigest(),)
+        )
+        self.assertEqual([tuple(r) for r in rows], [(2,)])
+        await self.s3.call(self.client.delete_object, Bucket=self.bucket, Key="a")
+        _, body = await self.get("b")
+        self.assertEqual(body, data)
+
     async def test_metadata_round_trip(self) -> None:
         """Content headers and user metadata are stored and returned."""
         await self.put(
