@@ -460,6 +460,37 @@ class ListTests(MultipartTestCase):
         self.assertEqual(seen, [(u["Key"], u["UploadId"]) for u in listed["Uploads"]])
 
 
+class ListEncodingTests(MultipartTestCase):
+    """
+    ListMultipartUploads with encoding-type=url.
+    """
+
+    async def test_url_encoding(self) -> None:
+        """Keys and prefixes are percent-encoded when encoding-type=url is asked for."""
+        await self.create("dir one/a b+c%é")
+        listed = await self.s3.call(
+            self.client.list_multipart_uploads, Bucket=self.bucket, EncodingType="url"
+        )
+        self.assertEqual([u["Key"] for u in listed["Uploads"]], ["dir%20one/a%20b%2Bc%25%C3%A9"])
+        self.assertEqual(listed["EncodingType"], "url")
+        grouped = await self.s3.call(
+            self.client.list_multipart_uploads, Bucket=self.bucket, Delimiter="/", EncodingType="url"
+        )
+        self.assertEqual([p["Prefix"] for p in grouped["CommonPrefixes"]], ["dir%20one/"])
+        plain = await self.s3.call(self.client.list_multipart_uploads, Bucket=self.bucket)
+        self.assertEqual([u["Key"] for u in plain["Uploads"]], ["dir one/a b+c%é"])
+
+    async def test_invalid_encoding(self) -> None:
+        """An unknown encoding-type is InvalidArgument."""
+        path = f"/{self.bucket}"
+        query = "encoding-type=base64&uploads="
+        response = await self.s3.raw_request(
+            "GET", f"{path}?{query}", self.s3.signed_headers(self.app, "GET", path, query=query)
+        )
+        self.assertEqual(response.status, 400)
+        self.assertIn(b"<Code>InvalidArgument</Code>", response.body)
+
+
 class UploadPartCopyTests(MultipartTestCase):
     """
     UploadPartCopy.

@@ -646,7 +646,8 @@ async def list_parts(call: S3Call) -> Any:
 
 
 def _encode(value: str, url: bool) -> str:
-    return quote(value.encode("utf-8", "surrogateescape"), safe="/") if url else value
+    # As ListObjects does: only unreserved characters and "/" stay bare.
+    return quote(value.encode("utf-8", "surrogatepass"), safe="/~") if url else value
 
 
 async def list_multipart_uploads(call: S3Call) -> Any:
