@@ -236,6 +236,23 @@ class InvalidBucketName(S3Error):
     message = "The specified bucket is not valid."
 
 
+class InvalidBucketAclWithObjectOwnership(S3Error):
+    """
+    A canned ACL other than private on a bucket with enforced ownership
+    (making a bucket public is an operator action in Anvil).
+    """
+
+    status = 400
+    message = "Bucket cannot have ACLs set with ObjectOwnership's BucketOwnerEnforced setting"
+
+
+class NoSuchPublicAccessBlockConfiguration(S3Error):
+    """GetPublicAccessBlock on a bucket without one."""
+
+    status = 404
+    message = "The public access block configuration was not found"
+
+
 class InvalidDigest(S3Error):
     """The Content-MD5 header is not a base64 MD5 digest."""
 

@@ -54,6 +54,7 @@ from anvil.s3.errors import (
     BucketNotEmpty,
     IllegalLocationConstraintException,
     InvalidArgument,
+    InvalidBucketAclWithObjectOwnership,
     InvalidBucketName,
     InvalidLocationConstraint,
     InvalidRequest,
@@ -64,6 +65,7 @@ from anvil.s3.errors import (
     NoSuchCORSConfiguration,
     NoSuchKey,
     NoSuchLifecycleConfiguration,
+    NoSuchPublicAccessBlockConfiguration,
     NoSuchTagSet,
     NoSuchVersion,
     NoSuchWebsiteConfiguration,
@@ -98,20 +100,6 @@ _RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 
 _ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
-
-
-class InvalidBucketAclWithObjectOwnership(S3Error):
-    """A canned ACL other than private on a bucket with enforced ownership."""
-
-    status = 400
-    message = "Bucket cannot have ACLs set with ObjectOwnership's BucketOwnerEnforced setting"
-
-
-class NoSuchPublicAccessBlockConfiguration(S3Error):
-    """GetPublicAccessBlock on a bucket without one."""
-
-    status = 404
-    message = "The public access block configuration was not found"
 
 
 def check_bucket_name(name: str) -> None:
