@@ -39,14 +39,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,9 +183,11 @@ class Figures:
         return ordered[index]
 
 
-def run_parallel(count: int, concurrency: int, work: Callable[[int], None]) -> Figures:
+def run_parallel(
+    indices: Sequence[int], concurrency: int, work: Callable[[int], None]
+) -> Figures:
     """
-    Run C{work(i)} for every i in C{range(count)} on C{concurrency} threads.
+    Run C{work(i)} for every i in C{indices} on C{concurrency} threads.
 
     @return: the figures (a failing operation is recorded, not raised).
     """
@@ -205,7 +208,7 @@ def run_parallel(count: int, concurrency: int, work: Callable[[int], None]) -> F
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        list(pool.map(one, range(count)))
+        list(pool.map(one, indices))
     figures.elapsed = time.perf_counter() - started
     return figures
 
@@ -285,7 +288,14 @@ def make_client(args: argparse.Namespace) -> Any:
         aws_access_key_id=args.access_key,
         aws_secret_access_key=args.secret_key,
         config=Config(
-            s3={"addressing_style": "path"},
+            # UNSIGNED-PAYLOAD (as SDKs send over HTTPS) unless --payload
+            # signed: over plain HTTP botocore otherwise hashes every body
+            # before sending it, which on a small machine shared with the
+            # node measures the client's SHA-256 rather than the node.
+            s3={
+                "addressing_style": "path",
+                "payload_signing_enabled": args.payload == "signed",
+            },
             max_pool_connections=max(10, args.concurrency * 2),
             retries={"max_attempts": 1, "mode": "standard"},
             connect_timeout=30,
@@ -296,22 +306,6 @@ def make_client(args: argparse.Namespace) -> Any:
             response_checksum_validation="when_required",
         ),
     )
-
-
-def unsigned_payload(client: Any) -> None:
-    """
-    Send PUT bodies as C{UNSIGNED-PAYLOAD}, as SDKs do over HTTPS.
-
-    Over plain HTTP botocore otherwise hashes every body before sending it
-    (SigV4 signed payload), which on a small machine shared with the node
-    measures the client's SHA-256 rather than the node.
-    """
-
-    def mark(request: Any, **_: Any) -> None:
-        request.headers["X-Amz-Content-SHA256"] = "UNSIGNED-PAYLOAD"
-
-    client.meta.events.register("before-sign.s3.PutObject", mark)
-    client.meta.events.register("before-sign.s3.UploadPart", mark)
 
 
 def ensure_bucket(client: Any, bucket: str) -> None:
@@ -325,6 +319,124 @@ def ensure_bucket(client: Any, bucket: str) -> None:
             raise
 
 
+@dataclass(frozen=True)
+class Plan:
+    """
+    What one run writes and reads (sent to worker processes).
+
+    @ivar bucket: the bucket.
+    @ivar size: bytes per object.
+    @ivar keys: the object keys.
+    @ivar seeds: the body seed of each object.
+    @ivar digests: the SHA-256 of each body (for GET verification).
+    """
+
+    bucket: str
+    size: int
+    keys: list[str]
+    seeds: list[int]
+    digests: list[str]
+
+
+def operate(client: Any, plan: Plan, op: str, index: int) -> None:
+    """
+    One operation on object C{index}: C{put}, C{get} (verified) or
+    C{delete}.
+
+    @raise ValueError: when a GET does not return exactly what was written.
+    """
+    key = plan.keys[index]
+    if op == "put":
+        client.put_object(
+            Bucket=plan.bucket,
+            Key=key,
+            Body=BodyStream(plan.seeds[index], plan.size),
+            ContentLength=plan.size,
+        )
+    elif op == "get":
+        response = client.get_object(Bucket=plan.bucket, Key=key)
+        sha = hashlib.sha256()
+        read = 0
+        for chunk in response["Body"].iter_chunks(chunk_size=_BLOCK):
+            sha.update(chunk)
+            read += len(chunk)
+        if read != plan.size or sha.hexdigest() != plan.digests[index]:
+            raise ValueError(f"{key}: read {read} bytes, SHA-256 mismatch")
+    else:
+        client.delete_object(Bucket=plan.bucket, Key=key)
+
+
+#: The client of a worker process (see L{_worker_start}).
+_worker_client: Any = None
+
+
+def _worker_start(args: argparse.Namespace) -> None:
+    global _worker_client
+    _worker_client = make_client(args)
+
+
+def _worker_ready(_: int) -> int:
+    # Long enough that the other workers get a share of the calls.
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def _worker_run(plan: Plan, op: str, indices: list[int], threads: int) -> Figures:
+    return run_parallel(indices, threads, lambda i: operate(_worker_client, plan, op, i))
+
+
+class Runner:
+    """
+    Runs a phase on threads of this process, or spread over worker
+    processes (C{--processes}): boto3 spends milliseconds of CPU per request
+    under the GIL, so one process caps small-object rates.
+    """
+
+    def __init__(self, args: argparse.Namespace, client: Any) -> None:
+        self._args = args
+        self._client = client
+        self._pool: ProcessPoolExecutor | None = None
+        if args.processes > 1:
+            self._pool = ProcessPoolExecutor(
+                max_workers=args.processes,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_worker_start,
+                initargs=(args,),
+            )
+            # Start every worker (and its client) before anything is timed.
+            pids: set[int] = set()
+            while len(pids) < args.processes:
+                pids |= set(self._pool.map(_worker_ready, range(args.processes * 2)))
+
+    def run(self, plan: Plan, op: str, concurrency: int | None = None) -> Figures:
+        """
+        Run C{op} on every object of C{plan}.
+
+        @return: the merged figures; C{elapsed} is the wall-clock time.
+        """
+        concurrency = concurrency or self._args.concurrency
+        indices = list(range(len(plan.keys)))
+        if self._pool is None:
+            return run_parallel(indices, concurrency, lambda i: operate(self._client, plan, op, i))
+        processes = self._args.processes
+        threads = max(1, -(-concurrency // processes))
+        chunks = [indices[p::processes] for p in range(processes)]
+        started = time.perf_counter()
+        results = list(
+            self._pool.map(_worker_run, [plan] * processes, [op] * processes, chunks, [threads] * processes)
+        )
+        merged = Figures(elapsed=time.perf_counter() - started)
+        for result in results:
+            merged.latencies += result.latencies
+            merged.errors += result.errors
+        return merged
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
 def put_get(args: argparse.Namespace, client: Any, out: Callable[[str], None]) -> bool:
     """
     The PUT and/or GET phases.
@@ -334,109 +446,146 @@ def put_get(args: argparse.Namespace, client: Any, out: Callable[[str], None]) -
     run_id = f"{int(time.time())}-{os.getpid()}"
     seeds = [random.getrandbits(63) for _ in range(args.count)]
     keys = [f"s3load/{run_id}/{i:06d}" for i in range(args.count)]
+    # The expected digests are computed before anything is timed.
+    digests = [body_digest(seed, args.size) for seed in seeds] if args.op != "put" else []
+    plan = Plan(args.bucket, args.size, keys, seeds, digests)
+    runner = Runner(args, client)
     ok = True
-
-    def put(index: int) -> None:
-        client.put_object(
-            Bucket=args.bucket,
-            Key=keys[index],
-            Body=BodyStream(seeds[index], args.size),
-            ContentLength=args.size,
-        )
-
-    if args.op in ("put", "both"):
-        figures = run_parallel(args.count, args.concurrency, put)
-        out(report("put", figures, args.count, args.size, args.concurrency))
-        for error in figures.errors[:5]:
-            out(f"      {error}")
-        ok = ok and not figures.errors
-
-    mismatches: list[int] = []
-
-    def get(index: int) -> None:
-        response = client.get_object(Bucket=args.bucket, Key=keys[index])
-        sha = hashlib.sha256()
-        stream = response["Body"]
-        read = 0
-        for chunk in stream.iter_chunks(chunk_size=_BLOCK):
-            sha.update(chunk)
-            read += len(chunk)
-        expected = digests[index]
-        if read != args.size or sha.hexdigest() != expected:
-            mismatches.append(index)
-            raise ValueError(f"{keys[index]}: read {read} bytes, SHA-256 mismatch")
-
-    if args.op in ("get", "both"):
-        # The expected digests are computed outside the timed phase.
-        digests = {i: body_digest(seeds[i], args.size) for i in range(args.count)}
+    try:
         if args.op == "get":
             # Nothing was written in this run: write the objects first.
-            run_parallel(args.count, args.concurrency, put)
-        figures = run_parallel(args.count, args.concurrency, get)
-        out(report("get", figures, args.count, args.size, args.concurrency))
-        for error in figures.errors[:5]:
-            out(f"      {error}")
-        out(f"verify {args.count - len(figures.errors)} of {args.count} GETs matched the SHA-256 written")
-        ok = ok and not figures.errors
-
-    if not args.keep:
-        run_parallel(
-            args.count,
-            args.concurrency,
-            lambda i: client.delete_object(Bucket=args.bucket, Key=keys[i]),
-        )
+            runner.run(plan, "put")
+        if args.op in ("put", "both"):
+            figures = runner.run(plan, "put")
+            out(report("put", figures, args.count, args.size, args.concurrency))
+            for error in figures.errors[:5]:
+                out(f"      {error}")
+            ok = ok and not figures.errors
+        if args.op in ("get", "both"):
+            figures = runner.run(plan, "get")
+            out(report("get", figures, args.count, args.size, args.concurrency))
+            for error in figures.errors[:5]:
+                out(f"      {error}")
+            out(
+                f"verify {len(figures.latencies)} of {args.count} GETs matched the SHA-256 written"
+            )
+            ok = ok and not figures.errors
+        if not args.keep:
+            runner.run(plan, "delete")
+    finally:
+        runner.close()
     return ok
+
+
+def _walk_boto3(client: Any, bucket: str, prefix: str) -> tuple[list[str], int]:
+    """
+    List every key under C{prefix} with boto3, 1,000 per page.
+
+    @return: the keys and the number of pages.
+    """
+    listed: list[str] = []
+    pages = 0
+    token = None
+    while True:
+        kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+        if token:
+            kwargs["ContinuationToken"] = token
+        page = client.list_objects_v2(**kwargs)
+        pages += 1
+        listed += [o["Key"] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return listed, pages
+        token = page["NextContinuationToken"]
+
+
+def _walk_raw(args: argparse.Namespace, prefix: str) -> tuple[list[str], int]:
+    """
+    The same walk with botocore's SigV4 signer, one keep-alive HTTP
+    connection and ElementTree: botocore's response parsing costs several
+    times the server's time for a 1,000-key page, so this measures the
+    node rather than the client library.
+
+    @return: the keys and the number of pages.
+    """
+    import http.client
+    from urllib.parse import quote, urlsplit
+    from xml.etree import ElementTree
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    namespace = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+    endpoint = urlsplit(args.endpoint)
+    connection_class = (
+        http.client.HTTPSConnection if endpoint.scheme == "https" else http.client.HTTPConnection
+    )
+    connection = connection_class(endpoint.hostname, endpoint.port, timeout=60)
+    signer = S3SigV4Auth(Credentials(args.access_key, args.secret_key), "s3", args.region)
+    listed: list[str] = []
+    pages = 0
+    token = None
+    try:
+        while True:
+            query = f"list-type=2&max-keys=1000&prefix={quote(prefix, safe='')}"
+            if token:
+                query += f"&continuation-token={quote(token, safe='')}"
+            target = f"/{quote(args.bucket)}?{query}"
+            request = AWSRequest(method="GET", url=f"{args.endpoint.rstrip('/')}{target}")
+            signer.add_auth(request)
+            connection.request("GET", target, headers=dict(request.headers.items()))
+            response = connection.getresponse()
+            body = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"ListObjectsV2 answered {response.status}: {body[:300]!r}")
+            root = ElementTree.fromstring(body)
+            pages += 1
+            listed += [e.text or "" for e in root.iter(namespace + "Key")]
+            if root.findtext(namespace + "IsTruncated") != "true":
+                return listed, pages
+            token = root.findtext(namespace + "NextContinuationToken")
+    finally:
+        connection.close()
 
 
 def listing(args: argparse.Namespace, client: Any, out: Callable[[str], None]) -> bool:
     """
     The listing benchmark: create C{--list-keys} small objects (skipped
-    when they exist already), then time full ListObjectsV2 walks.
+    when they exist already), then time full ListObjectsV2 walks, 1,000
+    keys per page, with boto3 and with a plain HTTP client.
 
-    @return: whether the listing returned exactly the keys.
+    @return: whether every walk returned exactly the keys.
     """
     prefix = f"s3load-list/{args.list_keys}/"
     keys = [f"{prefix}{i:08d}" for i in range(args.list_keys)]
-    existing = 0
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=args.bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}):
-        existing += page.get("KeyCount", 0)
-    if existing != len(keys):
-        created = run_parallel(
-            len(keys),
-            max(args.concurrency, 16),
-            lambda i: client.put_object(Bucket=args.bucket, Key=keys[i], Body=b"k"),
-        )
+    existing, _ = _walk_raw(args, prefix)
+    if len(existing) != len(keys):
+        runner = Runner(args, client)
+        try:
+            plan = Plan(args.bucket, 1, keys, [0] * len(keys), [])
+            created = runner.run(plan, "put", max(args.concurrency, 16))
+        finally:
+            runner.close()
         out(report("fill", created, len(keys), 1, max(args.concurrency, 16)))
         if created.errors:
             return False
-    best = None
-    listed: list[str] = []
-    for _ in range(args.list_repeat):
-        listed = []
-        pages = 0
-        started = time.perf_counter()
-        token = None
-        while True:
-            kwargs = {"Bucket": args.bucket, "Prefix": prefix, "MaxKeys": 1000}
-            if token:
-                kwargs["ContinuationToken"] = token
-            page = client.list_objects_v2(**kwargs)
-            pages += 1
-            listed += [o["Key"] for o in page.get("Contents", [])]
-            if not page.get("IsTruncated"):
-                break
-            token = page["NextContinuationToken"]
-        elapsed = time.perf_counter() - started
-        out(
-            f"list  {len(listed)} keys  max-keys 1000  {pages} pages  total {elapsed:.3f} s  "
-            f"{pages / elapsed:.1f} pages/s  {len(listed) / elapsed:.0f} keys/s"
-        )
-        best = elapsed if best is None else min(best, elapsed)
-    if listed != keys:
-        out(f"list  MISMATCH: got {len(listed)} keys, expected {len(keys)}")
-        return False
-    return True
+    ok = True
+    for name, walk in (
+        ("boto3", lambda: _walk_boto3(client, args.bucket, prefix)),
+        ("http", lambda: _walk_raw(args, prefix)),
+    ):
+        for _ in range(args.list_repeat):
+            started = time.perf_counter()
+            listed, pages = walk()
+            elapsed = time.perf_counter() - started
+            out(
+                f"list  {len(listed)} keys  max-keys 1000  client {name}  {pages} pages  "
+                f"total {elapsed:.3f} s  {len(listed) / elapsed:.0f} keys/s"
+            )
+            if listed != keys:
+                out(f"list  MISMATCH ({name}): got {len(listed)} keys, expected {len(keys)}")
+                ok = False
+    return ok
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -450,7 +599,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--bucket", default="s3load", help="bucket (created if missing)")
     parser.add_argument("--size", type=parse_size, default=parse_size("4KiB"), help="object size")
     parser.add_argument("--count", type=int, default=100, help="number of objects")
-    parser.add_argument("--concurrency", type=int, default=4, help="parallel requests")
+    parser.add_argument("--concurrency", type=int, default=4, help="parallel requests (in all)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="client processes sharing the concurrency (boto3 is CPU-bound under the GIL)",
+    )
     parser.add_argument("--op", choices=("put", "get", "both"), default="both")
     parser.add_argument("--list-keys", type=int, default=0, metavar="N", help="run the listing benchmark over N keys instead")
     parser.add_argument("--list-repeat", type=int, default=3, help="listing walks to time")
@@ -472,8 +627,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.region = args.region or "us-east-1"
     if not (args.endpoint and args.access_key and args.secret_key):
         parser.error("give --endpoint, --access-key and --secret-key, or --credentials")
-    if args.count < 1 or args.concurrency < 1 or args.size < 0:
-        parser.error("--count and --concurrency must be positive, --size not negative")
+    if args.count < 1 or args.concurrency < 1 or args.processes < 1 or args.size < 0:
+        parser.error("--count, --concurrency and --processes must be positive, --size not negative")
     return args
 
 
@@ -486,8 +641,6 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> i
     """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     client = make_client(args)
-    if args.payload == "unsigned":
-        unsigned_payload(client)
     ensure_bucket(client, args.bucket)
     sampler = RssSampler(args.rss_pid) if args.rss_pid else None
     ok = True
