@@ -293,6 +293,48 @@ class CompleteErrorTests(MultipartTestCase):
         self.assertEqual(data, b"end")
 
 
+class ConditionalCompleteTests(MultipartTestCase):
+    """
+    Conditional writes on CompleteMultipartUpload.
+    """
+
+    async def test_if_none_match(self) -> None:
+        """If-None-Match: * refuses to complete over an existing key; the upload remains."""
+        await self.put("taken", b"first")
+        upload_id, parts = await self.upload_all("taken", [b"second"])
+        status, code = await self.error(
+            self.client.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key="taken",
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+            IfNoneMatch="*",
+        )
+        self.assertEqual((status, code), (412, "PreconditionFailed"))
+        _, data = await self.get("taken")
+        self.assertEqual(data, b"first")
+        await self.complete("taken", upload_id, parts)
+        _, data = await self.get("taken")
+        self.assertEqual(data, b"second")
+
+    async def test_if_match(self) -> None:
+        """If-Match must name the current object's ETag."""
+        put = await self.put("guarded", b"v1")
+        upload_id, parts = await self.upload_all("guarded", [b"v2"])
+        status, code = await self.error(
+            self.client.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key="guarded",
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+            IfMatch='"0123"',
+        )
+        self.assertEqual((status, code), (412, "PreconditionFailed"))
+        await self.complete("guarded", upload_id, parts, IfMatch=put["ETag"])
+        _, data = await self.get("guarded")
+        self.assertEqual(data, b"v2")
+
+
 class AbortTests(MultipartTestCase):
     """
     AbortMultipartUpload.
@@ -639,6 +681,48 @@ class ChecksumTests(MultipartTestCase):
             base64.b64encode(zlib.crc32(whole).to_bytes(4, "big")).decode(),
         )
         self.assertEqual(result["ChecksumType"], "FULL_OBJECT")
+
+    async def test_full_object_checksum_read_back(self) -> None:
+        """A FULL_OBJECT CRC32 multipart object is read back and validated by botocore."""
+        bodies = [os.urandom(PART), os.urandom(4321)]
+        upload_id = await self.create("validated", ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
+        parts = []
+        for number, body in enumerate(bodies, 1):
+            etag = await self.upload("validated", upload_id, number, body, ChecksumAlgorithm="CRC32")
+            parts.append({"PartNumber": number, "ETag": etag})
+        await self.complete("validated", upload_id, parts)
+        response, data = await self.get("validated", ChecksumMode="ENABLED")
+        self.assertEqual(data, b"".join(bodies))
+        self.assertEqual(response["ChecksumCRC32"], crc32_b64(data))
+        self.assertEqual(response["ChecksumType"], "FULL_OBJECT")
+
+    async def test_complete_with_whole_checksum(self) -> None:
+        """A whole-object checksum sent with Complete must match the computed one."""
+        bodies = [os.urandom(PART), os.urandom(10)]
+        whole = b"".join(bodies)
+        for key, value, expected in (
+            ("right", crc32_b64(whole), None),
+            ("wrong", crc32_b64(b"other"), "BadDigest"),
+        ):
+            upload_id = await self.create(key, ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
+            parts = []
+            for number, body in enumerate(bodies, 1):
+                etag = await self.upload(key, upload_id, number, body, ChecksumAlgorithm="CRC32")
+                parts.append({"PartNumber": number, "ETag": etag})
+            if expected is None:
+                result = await self.complete(key, upload_id, parts, ChecksumCRC32=value)
+                self.assertEqual(result["ChecksumCRC32"], value)
+            else:
+                status, code = await self.error(
+                    self.client.complete_multipart_upload,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    ChecksumCRC32=value,
+                )
+                self.assertEqual((status, code), (400, expected))
+                await self.assert_absent(key)
 
     async def test_part_checksum_computed(self) -> None:
         """Parts of a checksummed upload sent without a checksum get one computed."""
