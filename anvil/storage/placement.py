@@ -38,10 +38,10 @@ from anvil.storage.shardstore import LocalShardStore
 __all__ = [
     "SHARD_MAP_VERSION",
     "InvalidShardMap",
-    "ShardTarget",
-    "ShardMap",
-    "Placement",
     "LocalPlacement",
+    "Placement",
+    "ShardMap",
+    "ShardTarget",
 ]
 
 #: The version written in every shard map; readers refuse other versions.
