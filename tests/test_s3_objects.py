@@ -839,6 +839,17 @@ class CopyTests(ObjectTestCase):
         )
         self.assertEqual(e.response["Error"]["Code"], "AccessDenied")
 
+    async def test_checksum_algorithm_on_copy(self) -> None:
+        """A copy asking for another checksum algorithm gets it computed from the data."""
+        await self.put("summed", self.data, ChecksumAlgorithm="SHA256")
+        result = await self.copy("crc-copy", source_key="summed", ChecksumAlgorithm="CRC32")
+        self.assertEqual(result["CopyObjectResult"]["ChecksumCRC32"], crc32_b64(self.data))
+        head = await self.s3.call(
+            self.client.head_object, Bucket=self.bucket, Key="crc-copy", ChecksumMode="ENABLED"
+        )
+        self.assertEqual(head["ChecksumCRC32"], crc32_b64(self.data))
+        self.assertNotIn("ChecksumSHA256", head)
+
     async def test_checksum_copied(self) -> None:
         """A copy keeps the source's checksum."""
         put = await self.put("summed", b"abc", ChecksumAlgorithm="SHA256")

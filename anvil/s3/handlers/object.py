@@ -41,12 +41,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from anvil.meta.objects import ContentMissingError
 from anvil.meta.records import ContentRecord, ManifestPart, ObjectRecord, truncate_to_ms
 from anvil.s3 import metadata_headers as mh
-from anvil.s3.checksums import COMPOSITE, FULL_OBJECT, b64, header_name, new_hasher
+from anvil.s3.checksums import (
+    COMPOSITE,
+    FULL_OBJECT,
+    b64,
+    header_name,
+    new_hasher,
+    parse_checksum_algorithm,
+)
 from anvil.s3.errors import (
     EntityTooLarge,
     InvalidArgument,
@@ -374,6 +382,29 @@ async def commit_content(
         await _abort(writer)
         raise
     return await record(False)
+
+
+async def compute_checksum(call: S3Call, slices: Sequence[ContentSlice], algorithm: str) -> str:
+    """
+    Compute a checksum of stored data, streaming it from the engine.
+
+    The hashing runs in the reactor's thread pool (one chunk at a time, in
+    order), not on the reactor thread.
+
+    @param call: the request.
+    @param slices: the data to hash.
+    @param algorithm: the upper-case algorithm.
+    @return: the base64 checksum.
+    """
+    hasher = new_hasher(algorithm)
+    reactor = call.service.clock
+    get_pool = getattr(reactor, "getThreadPool", None)
+    async for chunk in read_slices(call.service.engine, slices):
+        if get_pool is None:
+            hasher.update(chunk)
+        else:
+            await deferToThreadPool(reactor, get_pool(), hasher.update, chunk)
+    return b64(hasher.digest())
 
 
 # PutObject -----------------------------------------------------------------------
@@ -815,6 +846,19 @@ async def copy_object(call: S3Call) -> Any:
                 mh.parse_object_headers({"x-amz-storage-class": storage_class}).system_metadata
             )
     contents = await object_contents(call, source)
+    checksums = dict(source.checksums)
+    if "x-amz-checksum-algorithm" in headers:
+        algorithm = parse_checksum_algorithm(headers["x-amz-checksum-algorithm"])
+        if algorithm not in checksums or checksum_type(checksums[algorithm]) != FULL_OBJECT:
+            # Asked for a checksum the source does not have (or only as a
+            # composite of parts): read the data once to compute it.
+            checksums = {
+                algorithm: await compute_checksum(
+                    call, object_slices(source, contents, 0, source.size), algorithm
+                )
+            }
+        else:
+            checksums = {algorithm: checksums[algorithm]}
     modified = truncate_to_ms(now(call))
     record = ObjectRecord(
         bucket_id=bucket.id,
@@ -824,7 +868,7 @@ async def copy_object(call: S3Call) -> Any:
         content_type=content_type,
         user_metadata=user_metadata,
         system_metadata=system_metadata,
-        checksums=dict(source.checksums),
+        checksums=checksums,
         manifest=list(source.manifest),
         last_modified=modified,
         parts_count=source.parts_count,
