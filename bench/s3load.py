@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -121,7 +122,7 @@ class BodyStream:
         remaining = self._size - self._position
         if amount is None or amount < 0 or amount > remaining:
             amount = remaining
-        out = []
+        out: list[bytes | memoryview] = []
         position, end = self._position, self._position + amount
         if position < len(self._header):
             piece = self._header[position:end]
@@ -133,7 +134,9 @@ class BodyStream:
             out.append(_PATTERN2[start : start + take])
             position += take
         self._position = end
-        return out[0].tobytes() if len(out) == 1 and isinstance(out[0], memoryview) else b"".join(out)
+        return (
+            out[0].tobytes() if len(out) == 1 and isinstance(out[0], memoryview) else b"".join(out)
+        )
 
     def seek(self, offset: int, whence: int = 0) -> int:
         """Seek (only within the body)."""
@@ -179,13 +182,13 @@ class Figures:
         if not self.latencies:
             return 0.0
         ordered = sorted(self.latencies)
-        index = min(len(ordered) - 1, max(0, int(round(fraction * len(ordered) + 0.5)) - 1))
+        # Nearest rank: the smallest value with at least this fraction at
+        # or below it.
+        index = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
         return ordered[index]
 
 
-def run_parallel(
-    indices: Sequence[int], concurrency: int, work: Callable[[int], None]
-) -> Figures:
+def run_parallel(indices: Sequence[int], concurrency: int, work: Callable[[int], None]) -> Figures:
     """
     Run C{work(i)} for every i in C{indices} on C{concurrency} threads.
 
@@ -259,7 +262,7 @@ class RssSampler:
             self.peak_kib = max(self.peak_kib, self.sample())
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> RssSampler:  # noqa: PYI034 - never subclassed
         self._thread.start()
         return self
 
@@ -423,7 +426,9 @@ class Runner:
         chunks = [indices[p::processes] for p in range(processes)]
         started = time.perf_counter()
         results = list(
-            self._pool.map(_worker_run, [plan] * processes, [op] * processes, chunks, [threads] * processes)
+            self._pool.map(
+                _worker_run, [plan] * processes, [op] * processes, chunks, [threads] * processes
+            )
         )
         merged = Figures(elapsed=time.perf_counter() - started)
         for result in results:
@@ -466,9 +471,7 @@ def put_get(args: argparse.Namespace, client: Any, out: Callable[[str], None]) -
             out(report("get", figures, args.count, args.size, args.concurrency))
             for error in figures.errors[:5]:
                 out(f"      {error}")
-            out(
-                f"verify {len(figures.latencies)} of {args.count} GETs matched the SHA-256 written"
-            )
+            out(f"verify {len(figures.latencies)} of {args.count} GETs matched the SHA-256 written")
             ok = ok and not figures.errors
         if not args.keep:
             runner.run(plan, "delete")
@@ -570,10 +573,11 @@ def listing(args: argparse.Namespace, client: Any, out: Callable[[str], None]) -
         if created.errors:
             return False
     ok = True
-    for name, walk in (
+    walks: list[tuple[str, Callable[[], tuple[list[str], int]]]] = [
         ("boto3", lambda: _walk_boto3(client, args.bucket, prefix)),
         ("http", lambda: _walk_raw(args, prefix)),
-    ):
+    ]
+    for name, walk in walks:
         for _ in range(args.list_repeat):
             started = time.perf_counter()
             listed, pages = walk()
@@ -607,9 +611,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="client processes sharing the concurrency (boto3 is CPU-bound under the GIL)",
     )
     parser.add_argument("--op", choices=("put", "get", "both"), default="both")
-    parser.add_argument("--list-keys", type=int, default=0, metavar="N", help="run the listing benchmark over N keys instead")
+    parser.add_argument(
+        "--list-keys",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the listing benchmark over N keys instead",
+    )
     parser.add_argument("--list-repeat", type=int, default=3, help="listing walks to time")
-    parser.add_argument("--rss-pid", type=int, help="sample this process's VmRSS and print the peak")
+    parser.add_argument(
+        "--rss-pid", type=int, help="sample this process's VmRSS and print the peak"
+    )
     parser.add_argument(
         "--payload",
         choices=("unsigned", "signed"),

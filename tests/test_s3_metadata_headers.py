@@ -439,9 +439,7 @@ class WriteConditionsTests(SynchronousTestCase):
     def test_if_match(self) -> None:
         """If-Match must name the current ETag; on a missing key it is NoSuchKey."""
         mh.check_write_conditions({"if-match": _ETAG}, _ETAG)
-        self.assertRaises(
-            PreconditionFailed, mh.check_write_conditions, {"if-match": '"x"'}, _ETAG
-        )
+        self.assertRaises(PreconditionFailed, mh.check_write_conditions, {"if-match": '"x"'}, _ETAG)
         self.assertRaises(NoSuchKey, mh.check_write_conditions, {"if-match": _ETAG}, None)
 
 

@@ -45,7 +45,9 @@ class MultipartTestCase(ObjectTestCase):
         upload_id: str = response["UploadId"]
         return upload_id
 
-    async def upload(self, key: str, upload_id: str, number: int, body: bytes, **kwargs: Any) -> str:
+    async def upload(
+        self, key: str, upload_id: str, number: int, body: bytes, **kwargs: Any
+    ) -> str:
         """UploadPart; @return: the part's ETag."""
         response = await self.s3.call(
             self.client.upload_part,
@@ -59,7 +61,9 @@ class MultipartTestCase(ObjectTestCase):
         etag: str = response["ETag"]
         return etag
 
-    async def complete(self, key: str, upload_id: str, parts: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    async def complete(
+        self, key: str, upload_id: str, parts: list[dict[str, Any]], **kwargs: Any
+    ) -> dict[str, Any]:
         """CompleteMultipartUpload."""
         result: dict[str, Any] = await self.s3.call(
             self.client.complete_multipart_upload,
@@ -71,7 +75,9 @@ class MultipartTestCase(ObjectTestCase):
         )
         return result
 
-    async def upload_all(self, key: str, bodies: list[bytes], **create: Any) -> tuple[str, list[dict[str, Any]]]:
+    async def upload_all(
+        self, key: str, bodies: list[bytes], **create: Any
+    ) -> tuple[str, list[dict[str, Any]]]:
         """Create an upload and upload every body as parts 1..N."""
         upload_id = await self.create(key, **create)
         parts = []
@@ -150,7 +156,7 @@ class CompleteTests(MultipartTestCase):
         )
         _, data = await self.get("subset")
         self.assertEqual(data, bodies[1] + bodies[7])
-        response, data = await self.get("subset", PartNumber=2)
+        _, data = await self.get("subset", PartNumber=2)
         self.assertEqual(data, bodies[7])
 
     async def test_reupload_part(self) -> None:
@@ -208,7 +214,9 @@ class CompleteErrorTests(MultipartTestCase):
     CompleteMultipartUpload errors.
     """
 
-    async def complete_error(self, key: str, upload_id: str, parts: list[dict[str, Any]]) -> tuple[int, str]:
+    async def complete_error(
+        self, key: str, upload_id: str, parts: list[dict[str, Any]]
+    ) -> tuple[int, str]:
         """Complete, expecting an error."""
         return await self.error(
             self.client.complete_multipart_upload,
@@ -222,7 +230,9 @@ class CompleteErrorTests(MultipartTestCase):
         """Listing a part that was never uploaded is InvalidPart."""
         upload_id, parts = await self.upload_all("missing", [os.urandom(PART), b"end"])
         parts.append({"PartNumber": 9, "ETag": parts[0]["ETag"]})
-        self.assertEqual(await self.complete_error("missing", upload_id, parts), (400, "InvalidPart"))
+        self.assertEqual(
+            await self.complete_error("missing", upload_id, parts), (400, "InvalidPart")
+        )
 
     async def test_wrong_etag(self) -> None:
         """A part with another ETag is InvalidPart."""
@@ -248,13 +258,17 @@ class CompleteErrorTests(MultipartTestCase):
     async def test_too_small(self) -> None:
         """A part under 5 MiB that is not the last is EntityTooSmall."""
         upload_id, parts = await self.upload_all("small", [b"tiny", b"end"])
-        self.assertEqual(await self.complete_error("small", upload_id, parts), (400, "EntityTooSmall"))
+        self.assertEqual(
+            await self.complete_error("small", upload_id, parts), (400, "EntityTooSmall")
+        )
 
     async def test_complete_twice(self) -> None:
         """Completing an upload a second time is NoSuchUpload."""
         upload_id, parts = await self.upload_all("twice", [b"x"])
         await self.complete("twice", upload_id, parts)
-        self.assertEqual(await self.complete_error("twice", upload_id, parts), (404, "NoSuchUpload"))
+        self.assertEqual(
+            await self.complete_error("twice", upload_id, parts), (404, "NoSuchUpload")
+        )
 
     async def test_unknown_upload(self) -> None:
         """An unknown upload id is NoSuchUpload."""
@@ -266,13 +280,19 @@ class CompleteErrorTests(MultipartTestCase):
     async def test_upload_of_other_key(self) -> None:
         """An upload id used with another key is NoSuchUpload."""
         upload_id, parts = await self.upload_all("right", [b"x"])
-        self.assertEqual(await self.complete_error("wrong", upload_id, parts), (404, "NoSuchUpload"))
+        self.assertEqual(
+            await self.complete_error("wrong", upload_id, parts), (404, "NoSuchUpload")
+        )
 
     async def test_malformed_xml(self) -> None:
         """A body that is not the CompleteMultipartUpload document is MalformedXML."""
         upload_id = await self.create("xml")
         path = f"/{self.bucket}/xml"
-        for body in (b"not xml", b"<CompleteMultipartUpload></CompleteMultipartUpload>", b"<Other/>"):
+        for body in (
+            b"not xml",
+            b"<CompleteMultipartUpload></CompleteMultipartUpload>",
+            b"<Other/>",
+        ):
             response = await self.s3.raw_request(
                 "POST",
                 f"{path}?uploadId={upload_id}",
@@ -374,7 +394,10 @@ class AbortTests(MultipartTestCase):
         body = os.urandom(100_000)
         upload_id, _ = await self.upload_all("release", [body])
         await self.s3.call(
-            self.client.abort_multipart_upload, Bucket=self.bucket, Key="release", UploadId=upload_id
+            self.client.abort_multipart_upload,
+            Bucket=self.bucket,
+            Key="release",
+            UploadId=upload_id,
         )
         rows = await self.s3.regional_db.run_query(
             "SELECT refcount FROM contents WHERE hash = %s", (hashlib.sha256(body).hexdigest(),)
@@ -498,7 +521,10 @@ class ListTests(MultipartTestCase):
             seen += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
             if not page["IsTruncated"]:
                 break
-            kwargs = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+            kwargs = {
+                "KeyMarker": page["NextKeyMarker"],
+                "UploadIdMarker": page["NextUploadIdMarker"],
+            }
         self.assertEqual(seen, [(u["Key"], u["UploadId"]) for u in listed["Uploads"]])
 
 
@@ -516,7 +542,10 @@ class ListEncodingTests(MultipartTestCase):
         self.assertEqual([u["Key"] for u in listed["Uploads"]], ["dir%20one/a%20b%2Bc%25%C3%A9"])
         self.assertEqual(listed["EncodingType"], "url")
         grouped = await self.s3.call(
-            self.client.list_multipart_uploads, Bucket=self.bucket, Delimiter="/", EncodingType="url"
+            self.client.list_multipart_uploads,
+            Bucket=self.bucket,
+            Delimiter="/",
+            EncodingType="url",
         )
         self.assertEqual([p["Prefix"] for p in grouped["CommonPrefixes"]], ["dir%20one/"])
         plain = await self.s3.call(self.client.list_multipart_uploads, Bucket=self.bucket)
@@ -685,10 +714,14 @@ class ChecksumTests(MultipartTestCase):
     async def test_full_object_checksum_read_back(self) -> None:
         """A FULL_OBJECT CRC32 multipart object is read back and validated by botocore."""
         bodies = [os.urandom(PART), os.urandom(4321)]
-        upload_id = await self.create("validated", ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
+        upload_id = await self.create(
+            "validated", ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT"
+        )
         parts = []
         for number, body in enumerate(bodies, 1):
-            etag = await self.upload("validated", upload_id, number, body, ChecksumAlgorithm="CRC32")
+            etag = await self.upload(
+                "validated", upload_id, number, body, ChecksumAlgorithm="CRC32"
+            )
             parts.append({"PartNumber": number, "ETag": etag})
         await self.complete("validated", upload_id, parts)
         response, data = await self.get("validated", ChecksumMode="ENABLED")
@@ -704,7 +737,9 @@ class ChecksumTests(MultipartTestCase):
             ("right", crc32_b64(whole), None),
             ("wrong", crc32_b64(b"other"), "BadDigest"),
         ):
-            upload_id = await self.create(key, ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
+            upload_id = await self.create(
+                key, ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT"
+            )
             parts = []
             for number, body in enumerate(bodies, 1):
                 etag = await self.upload(key, upload_id, number, body, ChecksumAlgorithm="CRC32")

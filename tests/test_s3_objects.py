@@ -292,9 +292,14 @@ class ChecksumTests(ObjectTestCase):
             self.assertEqual(response[f"Checksum{algorithm}"], value)
             self.assertEqual(body, data)
         self.assertEqual(
-            (await self.s3.call(
-                self.client.head_object, Bucket=self.bucket, Key="sum-CRC32", ChecksumMode="ENABLED"
-            ))["ChecksumCRC32"],
+            (
+                await self.s3.call(
+                    self.client.head_object,
+                    Bucket=self.bucket,
+                    Key="sum-CRC32",
+                    ChecksumMode="ENABLED",
+                )
+            )["ChecksumCRC32"],
             crc32_b64(data),
         )
 
@@ -420,7 +425,7 @@ class RangeTests(ObjectTestCase):
 
     async def test_part_number_of_simple_object(self) -> None:
         """partNumber=1 of a simple object is the whole object; 2 is InvalidPartNumber."""
-        response, body = await self.get("r", PartNumber=1)
+        _, body = await self.get("r", PartNumber=1)
         self.assertEqual(body, self.data)
         status, code = await self.error(
             self.client.get_object, Bucket=self.bucket, Key="r", PartNumber=2
@@ -480,9 +485,7 @@ class ConditionalTests(ObjectTestCase):
     async def test_if_modified_since(self) -> None:
         """Not modified since now is 304; modified since an hour ago is 200."""
         self.assertEqual(await self.status(IfModifiedSince=self.modified), 304)
-        self.assertEqual(
-            await self.status(IfModifiedSince=self.modified - timedelta(hours=1)), 200
-        )
+        self.assertEqual(await self.status(IfModifiedSince=self.modified - timedelta(hours=1)), 200)
 
     async def test_if_unmodified_since(self) -> None:
         """Unmodified since an hour ago fails with 412; since its own time passes."""

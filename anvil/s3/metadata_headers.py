@@ -56,6 +56,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
+from typing import Protocol
 from urllib.parse import unquote
 
 from anvil.s3.chunked import stored_content_encoding
@@ -63,7 +64,6 @@ from anvil.s3.errors import (
     InvalidArgument,
     InvalidRequest,
     InvalidStorageClass,
-    InvalidRange as S3InvalidRange,
     KeyTooLongError,
     MetadataTooLarge,
     NoSuchKey,
@@ -71,15 +71,18 @@ from anvil.s3.errors import (
     PreconditionFailed,
     S3NotImplemented,
 )
+from anvil.s3.errors import (
+    InvalidRange as S3InvalidRange,
+)
 
 __all__ = [
+    "COPY",
     "DEFAULT_CONTENT_TYPE",
     "MAX_KEY_LENGTH",
     "MAX_USER_METADATA",
-    "ObjectHeaders",
-    "COPY",
     "REPLACE",
     "CopySource",
+    "ObjectHeaders",
     "apply_overrides",
     "check_copy_source_conditions",
     "check_key",
@@ -89,14 +92,14 @@ __all__ = [
     "format_http_date",
     "format_iso8601",
     "metadata_directive",
+    "object_headers",
     "parse_copy_source",
     "parse_copy_source_range",
-    "user_metadata_size",
-    "object_headers",
     "parse_http_date",
     "parse_object_headers",
     "quote_etag",
     "response_overrides",
+    "user_metadata_size",
 ]
 
 #: What S3 stores as the Content-Type of an object uploaded without one.
@@ -332,9 +335,14 @@ def object_headers(
     return out
 
 
-def response_overrides(
-    query: Mapping[str, str], signed: bool
-) -> dict[str, str]:
+class QueryParameters(Protocol):
+    """The query of a request: first value of each parameter by name."""
+
+    def get(self, name: str, /) -> str | None:
+        """@return: the parameter's first value, or C{None} when absent."""
+
+
+def response_overrides(query: QueryParameters | Mapping[str, str], signed: bool) -> dict[str, str]:
     """
     The C{response-*} query parameters of a GetObject or HeadObject.
 
@@ -353,7 +361,9 @@ def response_overrides(
         if value is not None:
             found[header] = value
     if found and not signed:
-        raise InvalidRequest("Request specific response headers cannot be used for anonymous GET requests.")
+        raise InvalidRequest(
+            "Request specific response headers cannot be used for anonymous GET requests."
+        )
     return found
 
 
@@ -425,8 +435,7 @@ def quote_etag(etag: str) -> str:
 
 def _normalise_etag(value: str) -> str:
     value = value.strip()
-    if value.startswith("W/"):
-        value = value[2:]
+    value = value.removeprefix("W/")
     return value.strip('"')
 
 
@@ -455,9 +464,7 @@ def _validator_headers(etag: str, last_modified: datetime) -> dict[str, str]:
     return {"ETag": quote_etag(etag), "Last-Modified": format_http_date(last_modified)}
 
 
-def check_read_conditions(
-    headers: Mapping[str, str], etag: str, last_modified: datetime
-) -> None:
+def check_read_conditions(headers: Mapping[str, str], etag: str, last_modified: datetime) -> None:
     """
     Apply the conditional headers of a GetObject or HeadObject.
 
@@ -638,8 +645,7 @@ def parse_copy_source(value: str) -> CopySource:
             if name == "versionId":
                 version_id = unquote(text)
     decoded = unquote(raw, errors="surrogateescape")
-    if decoded.startswith("/"):
-        decoded = decoded[1:]
+    decoded = decoded.removeprefix("/")
     bucket, slash, key = decoded.partition("/")
     if not bucket or not slash or not key:
         raise InvalidArgument(

@@ -84,7 +84,9 @@ def find_binary(name: str, preferred: tuple[str, ...] = ()) -> str:
             return candidate
     found = shutil.which(name)
     if found is None:
-        raise SkipTest(f"{name} is not installed (Debian package: {name if name != 'aws' else 'awscli'})")
+        raise SkipTest(
+            f"{name} is not installed (Debian package: {name if name != 'aws' else 'awscli'})"
+        )
     return found
 
 
@@ -118,6 +120,7 @@ class ClientTestCase(SynchronousTestCase):
             text=True,
             timeout=timeout,
             cwd=self.base,
+            check=False,
         )
         if result.returncode != 0:
             self.fail(
@@ -168,14 +171,17 @@ class AwsCliTests(ClientTestCase):
     def aws(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run C{aws --endpoint-url <node> ARGS}."""
         binary = find_binary("aws", ("/usr/bin/aws",))
-        return self.run_client(
-            [binary, "--endpoint-url", self.node.url, *args], self.aws_env()
-        )
+        return self.run_client([binary, "--endpoint-url", self.node.url, *args], self.aws_env())
 
     def test_s3_commands(self) -> None:
         """aws s3 mb/cp/sync/ls/rm move the tree up and back down byte for byte."""
         self.aws("s3", "mb", "s3://cli-bucket")
-        self.aws("s3", "cp", os.path.join(self.tree, "big/multipart.bin"), "s3://cli-bucket/single/big.bin")
+        self.aws(
+            "s3",
+            "cp",
+            os.path.join(self.tree, "big/multipart.bin"),
+            "s3://cli-bucket/single/big.bin",
+        )
         self.aws("s3", "sync", self.tree, "s3://cli-bucket/tree/")
 
         listing = self.aws("s3", "ls", "--recursive", "s3://cli-bucket/tree/").stdout
@@ -214,11 +220,20 @@ class AwsCliTests(ClientTestCase):
         self.aws("s3api", "create-bucket", "--bucket", "api-bucket")
         created = json.loads(
             self.aws(
-                "s3api", "create-multipart-upload", "--bucket", "api-bucket", "--key", "parts/object.bin"
+                "s3api",
+                "create-multipart-upload",
+                "--bucket",
+                "api-bucket",
+                "--key",
+                "parts/object.bin",
             ).stdout
         )
         upload_id = created["UploadId"]
-        pieces = [_content("part-one", 5 * MiB), _content("part-two", 5 * MiB), _content("three", 1000)]
+        pieces = [
+            _content("part-one", 5 * MiB),
+            _content("part-two", 5 * MiB),
+            _content("three", 1000),
+        ]
         parts = []
         for number, piece in enumerate(pieces, 1):
             path = os.path.join(self.base, f"part{number}")
@@ -245,8 +260,14 @@ class AwsCliTests(ClientTestCase):
 
         listed = json.loads(
             self.aws(
-                "s3api", "list-parts", "--bucket", "api-bucket", "--key", "parts/object.bin",
-                "--upload-id", upload_id,
+                "s3api",
+                "list-parts",
+                "--bucket",
+                "api-bucket",
+                "--key",
+                "parts/object.bin",
+                "--upload-id",
+                upload_id,
             ).stdout
         )
         self.assertEqual([p["PartNumber"] for p in listed["Parts"]], [1, 2, 3])
@@ -275,8 +296,15 @@ class AwsCliTests(ClientTestCase):
         out = os.path.join(self.base, "object.bin")
         got = json.loads(
             self.aws(
-                "s3api", "get-object", "--bucket", "api-bucket", "--key", "parts/object.bin",
-                "--part-number", "2", out,
+                "s3api",
+                "get-object",
+                "--bucket",
+                "api-bucket",
+                "--key",
+                "parts/object.bin",
+                "--part-number",
+                "2",
+                out,
             ).stdout
         )
         self.assertEqual(got["PartsCount"], 3)
@@ -293,8 +321,14 @@ class AwsCliTests(ClientTestCase):
             ).stdout
         )["UploadId"]
         self.aws(
-            "s3api", "abort-multipart-upload", "--bucket", "api-bucket", "--key", "aborted",
-            "--upload-id", second,
+            "s3api",
+            "abort-multipart-upload",
+            "--bucket",
+            "api-bucket",
+            "--key",
+            "aborted",
+            "--upload-id",
+            second,
         )
         uploads = json.loads(
             self.aws("s3api", "list-multipart-uploads", "--bucket", "api-bucket").stdout or "{}"

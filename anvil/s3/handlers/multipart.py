@@ -25,6 +25,7 @@ writer, stripe by stripe.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -73,6 +74,7 @@ from anvil.s3.handlers.object import (
     commit_content,
     copy_source,
     current_etag,
+    finished_md5,
     now,
     object_contents,
     object_slices,
@@ -290,9 +292,7 @@ async def upload_part(call: S3Call) -> Any:
     _check_part_checksum(call, algorithm)
     staged = await receive_content(call, also_compute=algorithm)
     part = await _store_part(call, upload, number, staged)
-    return _response(
-        200, [("ETag", mh.quote_etag(part.etag)), *checksum_headers(part.checksums)]
-    )
+    return _response(200, [("ETag", mh.quote_etag(part.etag)), *checksum_headers(part.checksums)])
 
 
 class _ChecksumHasher:
@@ -377,7 +377,7 @@ async def upload_part_copy(call: S3Call) -> Any:
             raise
         staged = StagedContent(
             content,
-            writer.md5_hex,
+            finished_md5(writer),
             {hasher.algorithm: hasher.value()} if hasher else {},
             writer,
         )
@@ -480,14 +480,14 @@ def _completed_checksum(
         part = parts.get(number)
         if part is None:
             return {}
-        value = part.checksums.get(algorithm)
-        if value is None:
+        found = part.checksums.get(algorithm)
+        if found is None:
             raise InvalidPart(
                 f"The upload was created using a {algorithm.lower()} checksum. The complete "
                 f"request referenced parts without a {algorithm.lower()} checksum.",
                 PartNumber=number,
             )
-        values.append((value, part.size))
+        values.append((found, part.size))
     kind = str(upload.metadata.get(_CHECKSUM_TYPE) or COMPOSITE)
     if kind == FULL_OBJECT:
         return {algorithm: full_object_checksum(algorithm, values)}
@@ -508,7 +508,7 @@ async def complete_multipart_upload(call: S3Call) -> Any:
     body = await call.payload(verify_checksums=False).read_all(MAX_COMPLETE_XML)
     requested = parse_complete_request(body)
     numbers = [number for number, _, _ in requested]
-    if any(b <= a for a, b in zip(numbers, numbers[1:])):
+    if any(b <= a for a, b in pairwise(numbers)):
         raise InvalidPartOrder(UploadId=upload.upload_id)
     if "if-none-match" in call.headers or "if-match" in call.headers:
         mh.check_write_conditions(call.headers, await current_etag(call, bucket, call.key))
@@ -528,7 +528,12 @@ async def complete_multipart_upload(call: S3Call) -> Any:
             min_part_size=MIN_PART_SIZE,
             checksums=checksums,
         )
-    except (NoSuchUploadError, InvalidPartError, InvalidPartOrderError, EntityTooSmallError) as error:
+    except (
+        NoSuchUploadError,
+        InvalidPartError,
+        InvalidPartOrderError,
+        EntityTooSmallError,
+    ) as error:
         raise _translate(error, upload.upload_id) from None
     result = document("CompleteMultipartUploadResult")
     result.text("Location", _location(call, bucket))
@@ -624,7 +629,9 @@ async def list_parts(call: S3Call) -> Any:
     result.text("Key", call.key)
     result.text("UploadId", upload.upload_id)
     _owner_elements(result, call, upload.metadata.get(_INITIATOR))
-    result.text("StorageClass", upload.metadata.get(_SYSTEM, {}).get("x-amz-storage-class", "STANDARD"))
+    result.text(
+        "StorageClass", upload.metadata.get(_SYSTEM, {}).get("x-amz-storage-class", "STANDARD")
+    )
     result.text("PartNumberMarker", marker)
     if parts:
         result.text("NextPartNumberMarker", parts[-1].part_number)

@@ -57,9 +57,9 @@ from anvil.s3.checksums import (
 )
 from anvil.s3.errors import (
     EntityTooLarge,
+    InternalError,
     InvalidArgument,
     InvalidRange,
-    InternalError,
     InvalidRequest,
     MissingContentLength,
     NoSuchBucket,
@@ -227,9 +227,7 @@ def declared_length(headers: Mapping[str, str]) -> int:
             continue
         text = value.strip()
         if not text.isdigit():
-            raise InvalidArgument(
-                f"Invalid {name}", ArgumentName=name, ArgumentValue=value
-            )
+            raise InvalidArgument(f"Invalid {name}", ArgumentName=name, ArgumentValue=value)
         return int(text)
     raise MissingContentLength()
 
@@ -314,7 +312,7 @@ async def receive_content(
         # Nothing is trusted before the payload verified: signatures,
         # chunk signatures, trailer, length, Content-MD5 and checksum.
         await payload.finish()
-        md5_hex = writer.md5_hex
+        md5_hex = finished_md5(writer)
         checksums: dict[str, str] = {}
         if payload.checksum is not None and payload.checksum_value is not None:
             checksums[payload.checksum.algorithm] = payload.checksum_value
@@ -326,6 +324,16 @@ async def receive_content(
     return StagedContent(content, md5_hex, checksums, writer)
 
 
+def finished_md5(writer: Any) -> str:
+    """
+    @param writer: a finished content writer.
+    @return: the hex MD5 of its content.
+    """
+    md5_hex: str | None = writer.md5_hex
+    assert md5_hex is not None, "the writer is finished"
+    return md5_hex
+
+
 async def _abort(writer: Any) -> None:
     """
     Abort a writer, logging (not raising) a failure to clean up: the
@@ -333,7 +341,7 @@ async def _abort(writer: Any) -> None:
     """
     try:
         await writer.abort()
-    except Exception:
+    except Exception:  # noqa: BLE001 - logged; the original error wins
         _log.failure("aborting a content writer failed")
 
 
@@ -643,7 +651,9 @@ async def _lookup(call: S3Call) -> ObjectRecord:
     return record
 
 
-def _read_headers(call: S3Call, record: ObjectRecord, selection: _Selection) -> list[tuple[str, str]]:
+def _read_headers(
+    call: S3Call, record: ObjectRecord, selection: _Selection
+) -> list[tuple[str, str]]:
     overrides = mh.response_overrides(call.query, signed=call.auth is not None)
     headers = [
         ("Last-Modified", mh.format_http_date(record.last_modified)),
