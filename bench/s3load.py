@@ -9,9 +9,10 @@ Examples::
     python bench/s3load.py --credentials /var/lib/anvil/credentials.json \\
         --size 64MiB --count 16 --concurrency 4 --op both
 
-    # 2,000 x 4 KiB at concurrency 16
+    # 2,000 x 4 KiB at concurrency 16, the client spread over 3 processes
+    # (boto3 costs a few ms of CPU per request under one GIL)
     python bench/s3load.py --credentials credentials.json \\
-        --size 4KiB --count 2000 --concurrency 16 --op both
+        --size 4KiB --count 2000 --concurrency 16 --processes 3 --op both
 
     # listing 10,000 keys, 1,000 per page
     python bench/s3load.py --credentials credentials.json --list-keys 10000
@@ -20,11 +21,14 @@ Examples::
     python bench/s3load.py --credentials credentials.json --size 1GiB \\
         --count 1 --concurrency 1 --op both --rss-pid $(pgrep -f 'twistd.*anvil')
 
+PUT bodies are sent as C{UNSIGNED-PAYLOAD} (C{--payload signed} to sign
+their SHA-256, which botocore otherwise always does over plain HTTP).
 Every object has its own random content (so deduplication cannot flatter
-the figures); GET verifies the SHA-256 of what was read against what was
-written, and the run fails if any differs. Bodies are generated from a
-seeded PRNG stream and hashed while sent or received, so the tool itself
-holds no object whole in memory (a 1 GiB object costs a few MiB here).
+the figures: a unique 16-byte header, then a shared random block cycled
+from a per-object offset, generated as it is sent); GET verifies the
+SHA-256 of what was read against the SHA-256 of what was written (computed
+before the timed phases), and the run fails if any differs. The tool never
+holds an object whole in memory (a 1 GiB object costs a few MiB here).
 
 Output is one line per figure::
 

@@ -861,3 +861,91 @@ class CopyTests(ObjectTestCase):
             self.client.head_object, Bucket=self.bucket, Key="summed-copy", ChecksumMode="ENABLED"
         )
         self.assertEqual(head["ChecksumSHA256"], put["ChecksumSHA256"])
+
+
+def _load_s3load() -> Any:
+    """Import C{bench/s3load.py} (the bench directory is not a package)."""
+    import importlib.util
+    import sys
+
+    name = "anvil_bench_s3load"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "s3load.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up while the module runs.
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class S3LoadSmokeTests(ObjectTestCase):
+    """
+    Smoke test for C{bench/s3load.py}, so the load tool keeps working.
+    """
+
+    async def run_tool(self, *argv: str) -> tuple[int, list[str]]:
+        """Run the tool against the stack in a thread; @return: status and lines."""
+        s3load = _load_s3load()
+        lines: list[str] = []
+        arguments = [
+            "--endpoint",
+            self.s3.endpoint_url,
+            "--access-key",
+            self.app.client_id,
+            "--secret-key",
+            self.app.secret,
+            "--bucket",
+            "bench",
+            *argv,
+        ]
+        status: int = await self.s3.call(s3load.main, arguments, lines.append)
+        return status, lines
+
+    async def test_put_get(self) -> None:
+        """PUT and verified GET figures are printed, one line each, and the run succeeds."""
+        status, lines = await self.run_tool(
+            "--size", "100KiB", "--count", "6", "--concurrency", "3", "--rss-pid", str(os.getpid())
+        )
+        self.assertEqual(status, 0, lines)
+        self.assertTrue(lines[0].startswith("put   6 objects x 100.0 KiB"), lines)
+        self.assertIn("MB/s", lines[0])
+        self.assertIn("ops/s", lines[0])
+        self.assertIn("p99", lines[0])
+        self.assertTrue(lines[1].startswith("get   6 objects"), lines)
+        self.assertEqual(lines[2], "verify 6 of 6 GETs matched the SHA-256 written")
+        self.assertTrue(lines[3].startswith(f"rss   pid {os.getpid()}"), lines)
+        # The objects were deleted afterwards.
+        listed = await self.s3.call(self.client.list_objects_v2, Bucket="bench")
+        self.assertEqual(listed["KeyCount"], 0)
+
+    async def test_listing(self) -> None:
+        """The listing benchmark fills the keys once and walks them with both clients."""
+        status, lines = await self.run_tool("--list-keys", "30", "--list-repeat", "1")
+        self.assertEqual(status, 0, lines)
+        self.assertTrue(lines[0].startswith("fill  30 objects"), lines)
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("30 keys  max-keys 1000  client boto3  1 pages", lines[1])
+        self.assertIn("client http", lines[2])
+
+    def test_sizes(self) -> None:
+        """Sizes take binary and decimal units."""
+        s3load = _load_s3load()
+        self.assertEqual(s3load.parse_size("64MiB"), 64 * 1024 * 1024)
+        self.assertEqual(s3load.parse_size("4KiB"), 4096)
+        self.assertEqual(s3load.parse_size("2MB"), 2_000_000)
+        self.assertEqual(s3load.parse_size("1GiB"), 1024**3)
+
+    def test_body_stream(self) -> None:
+        """Bodies are reproducible from their seed, differ between seeds and rewind."""
+        s3load = _load_s3load()
+        size = 3 * 1024 * 1024 + 5
+        body = s3load.BodyStream(7, size)
+        data = body.read(10) + body.read(100_000) + body.read()
+        self.assertEqual(len(data), size)
+        body.seek(0)
+        self.assertEqual(body.read(), data)
+        self.assertEqual(hashlib.sha256(data).hexdigest(), s3load.body_digest(7, size))
+        self.assertNotEqual(s3load.BodyStream(8, size).read(), data)
