@@ -52,6 +52,7 @@ from anvil.s3.checksums import (
     parse_checksum_algorithm,
     parse_checksum_type,
 )
+from anvil.s3.dispatch import S3Response
 from anvil.s3.errors import (
     BadDigest,
     EntityTooSmall,
@@ -83,7 +84,7 @@ from anvil.s3.handlers.object import (
     receive_content,
     require_bucket,
 )
-from anvil.s3.xml import document, parse_xml
+from anvil.s3.xml import Element, document, parse_xml
 
 if TYPE_CHECKING:
     from anvil.meta.records import Bucket, Upload
@@ -110,7 +111,7 @@ _CHECKSUM_TYPE = "checksum_type"
 _INITIATOR = "initiator"
 
 
-def _xml(root: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> Any:
+def _xml(root: Element, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> S3Response:
     return _response(status, [("Content-Type", "application/xml"), *headers], root.to_bytes())
 
 
@@ -182,7 +183,7 @@ def _translate(error: Exception, upload_id: str) -> Exception:
 # CreateMultipartUpload ------------------------------------------------------------
 
 
-async def create_multipart_upload(call: S3Call) -> Any:
+async def create_multipart_upload(call: S3Call) -> S3Response:
     """
     CreateMultipartUpload (C{POST /bucket/key?uploads}).
 
@@ -275,7 +276,7 @@ async def _store_part(call: S3Call, upload: Upload, number: int, staged: StagedC
     return part
 
 
-async def upload_part(call: S3Call) -> Any:
+async def upload_part(call: S3Call) -> S3Response:
     """
     UploadPart (C{PUT /bucket/key?partNumber=N&uploadId=ID}).
 
@@ -311,7 +312,7 @@ class _ChecksumHasher:
         return b64(self._hasher.digest())
 
 
-async def upload_part_copy(call: S3Call) -> Any:
+async def upload_part_copy(call: S3Call) -> S3Response:
     """
     UploadPartCopy: a part copied from (a range of) an existing object.
 
@@ -494,7 +495,7 @@ def _completed_checksum(
     return {algorithm: composite_checksum(algorithm, [value for value, _ in values])}
 
 
-async def complete_multipart_upload(call: S3Call) -> Any:
+async def complete_multipart_upload(call: S3Call) -> S3Response:
     """
     CompleteMultipartUpload (C{POST /bucket/key?uploadId=ID}).
 
@@ -570,7 +571,7 @@ def _location(call: S3Call, bucket: Bucket) -> str:
 # AbortMultipartUpload --------------------------------------------------------------
 
 
-async def abort_multipart_upload(call: S3Call) -> Any:
+async def abort_multipart_upload(call: S3Call) -> S3Response:
     """
     AbortMultipartUpload (C{DELETE /bucket/key?uploadId=ID}).
 
@@ -599,7 +600,7 @@ def _page_size(call: S3Call, name: str, limit: int) -> int:
     return min(number, limit)
 
 
-async def list_parts(call: S3Call) -> Any:
+async def list_parts(call: S3Call) -> S3Response:
     """
     ListParts (C{GET /bucket/key?uploadId=ID}).
 
@@ -659,7 +660,7 @@ def _encode(value: str, url: bool) -> str:
     return quote(value.encode("utf-8", "surrogatepass"), safe="/~") if url else value
 
 
-async def list_multipart_uploads(call: S3Call) -> Any:
+async def list_multipart_uploads(call: S3Call) -> S3Response:
     """
     ListMultipartUploads (C{GET /bucket?uploads}).
 

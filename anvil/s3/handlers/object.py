@@ -16,8 +16,9 @@ it through L{receive_content} and L{commit_content}):
      behind. The engine computes MD5 and SHA-256, and every extra hasher
      (the C{x-amz-checksum-*} verifier) in its CPU pool;
   3. C{writer.finish()}, then C{payload.finish()}: only now are the
-     signature, chunk signatures, trailer and length known to be right;
-     then Content-MD5 (C{BadDigest}) and the checksum are checked;
+     signature, chunk signatures, trailer, length, Content-MD5
+     (C{BadDigest}) and the C{x-amz-checksum-*} known to be right (the
+     payload reader's verifiers were fed by the engine, in its CPU pool);
   4. commit: the shards are renamed into place unless the content already
      exists (dedup), and the object row is inserted in one transaction that
      also takes the content reference and replaces the previous object.
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -55,6 +56,7 @@ from anvil.s3.checksums import (
     new_hasher,
     parse_checksum_algorithm,
 )
+from anvil.s3.dispatch import S3Response
 from anvil.s3.errors import (
     EntityTooLarge,
     InternalError,
@@ -67,8 +69,8 @@ from anvil.s3.errors import (
     S3Error,
     ServiceUnavailable,
 )
-from anvil.s3.xml import document
-from anvil.storage.engine import ContentUnavailable
+from anvil.s3.xml import Element, document
+from anvil.storage.engine import ContentUnavailable, ContentWriter, StorageEngine
 from anvil.storage.ranges import InvalidRange as RangeNotSatisfiable
 from anvil.storage.ranges import parse_range
 
@@ -99,18 +101,19 @@ class InvalidPartNumber(S3Error):
     message = "The requested partnumber is not satisfiable"
 
 
-def _response(status: int = 200, headers: Sequence[tuple[str, str]] = (), body: Any = None) -> Any:
+def _response(
+    status: int = 200,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes | AsyncIterator[bytes] | None = None,
+) -> S3Response:
     """
     Build the dispatcher's response object.
 
     @param status: the HTTP status.
     @param headers: response headers.
     @param body: C{bytes}, an asynchronous iterator of C{bytes}, or C{None}.
-    @return: an L{anvil.s3.dispatch.S3Response}.
+    @return: the response.
     """
-    # Imported late: the dispatch table imports this module.
-    from anvil.s3.dispatch import S3Response
-
     return S3Response(status=status, headers=list(headers), body=body)
 
 
@@ -193,7 +196,9 @@ def checksum_headers(checksums: Mapping[str, str]) -> list[tuple[str, str]]:
     return out
 
 
-def checksum_elements(parent: Any, checksums: Mapping[str, str], with_type: bool = True) -> None:
+def checksum_elements(
+    parent: Element, checksums: Mapping[str, str], with_type: bool = True
+) -> None:
     """
     Add C{<ChecksumCRC32>...} elements to an XML result.
 
@@ -245,8 +250,8 @@ class StagedContent:
 
     content: ContentRecord
     md5_hex: str
-    checksums: dict[str, str] = field(default_factory=dict)
-    writer: Any = None
+    checksums: dict[str, str]
+    writer: ContentWriter
 
 
 class _Hasher:
@@ -324,17 +329,17 @@ async def receive_content(
     return StagedContent(content, md5_hex, checksums, writer)
 
 
-def finished_md5(writer: Any) -> str:
+def finished_md5(writer: ContentWriter) -> str:
     """
     @param writer: a finished content writer.
     @return: the hex MD5 of its content.
     """
-    md5_hex: str | None = writer.md5_hex
+    md5_hex = writer.md5_hex
     assert md5_hex is not None, "the writer is finished"
     return md5_hex
 
 
-async def _abort(writer: Any) -> None:
+async def _abort(writer: ContentWriter) -> None:
     """
     Abort a writer, logging (not raising) a failure to clean up: the
     original error is what the client must see.
@@ -433,7 +438,7 @@ async def current_etag(call: S3Call, bucket: Bucket, key: str) -> str | None:
     return None if record is None else record.etag
 
 
-async def put_object(call: S3Call) -> Any:
+async def put_object(call: S3Call) -> S3Response:
     """
     PutObject: store the body as the object C{call.key}.
 
@@ -547,7 +552,9 @@ async def object_contents(call: S3Call, record: ObjectRecord) -> dict[str, Conte
     return dict(found)
 
 
-async def read_slices(engine: Any, slices: Sequence[ContentSlice]) -> AsyncIterator[bytes]:
+async def read_slices(
+    engine: StorageEngine, slices: Sequence[ContentSlice]
+) -> AsyncIterator[bytes]:
     """
     Stream content slices from the storage engine.
 
@@ -675,7 +682,7 @@ def _read_headers(
     return headers
 
 
-async def get_object(call: S3Call) -> Any:
+async def get_object(call: S3Call) -> S3Response:
     """
     GetObject, with conditions, Range or partNumber, and response-*
     overrides; the body streams.
@@ -737,7 +744,7 @@ async def _close(chunks: AsyncIterator[bytes]) -> None:
             await close()
 
 
-async def head_object(call: S3Call) -> Any:
+async def head_object(call: S3Call) -> S3Response:
     """
     HeadObject: the headers GetObject would send, without a body.
 
@@ -753,7 +760,7 @@ async def head_object(call: S3Call) -> Any:
 # DeleteObject ----------------------------------------------------------------------
 
 
-async def delete_object(call: S3Call) -> Any:
+async def delete_object(call: S3Call) -> S3Response:
     """
     DeleteObject: 204 whether or not the key existed, as S3 answers.
 
@@ -809,7 +816,7 @@ async def copy_source(call: S3Call, action: str = "object:read") -> tuple[Bucket
     return bucket, record
 
 
-async def copy_object(call: S3Call) -> Any:
+async def copy_object(call: S3Call) -> S3Response:
     """
     CopyObject: make C{call.key} a copy of the source object by reference
     (its contents gain a reference; no data is read or re-encoded).
