@@ -670,7 +670,16 @@ SELECT cp, bucket_id, key, size, etag, last_modified, checksums, parts_count
 )
 
 #: The same walk over multipart uploads, ordered by (key, upload id).
-#: {cp} is the common prefix expression (NULL without a delimiter).
+#: {cp} is the common prefix expression (NULL without a delimiter).  The
+#: table is read only by the walk's ORDER BY ... LIMIT 1 probes of the
+#: (bucket_id, key, upload_id) index, which cost a small fraction of
+#: reading the bucket with any statistics (only a table of a page or so is
+#: read whole instead, which is then cheaper).  Joining the walk back to
+#: the table by upload id must not come back: the planner guesses a
+#: recursive CTE at 1 + 10 times its recursive term's rows (some 31,
+#: whatever the page size), and at that guess a hash join over a
+#: sequential scan of the whole table beats primary key probes, with any
+#: statistics.
 _UPLOADS_WALK = """
 WITH RECURSIVE walk(n, cp, upload_id, bucket_id, key, metadata, created_at) AS (
     SELECT 1, f.* FROM (
