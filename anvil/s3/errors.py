@@ -633,6 +633,15 @@ class PreconditionFailed(S3Error):
     message = "At least one of the pre-conditions you specified did not hold"
 
 
+class InvalidPartNumber(S3Error):
+    """
+    GetObject/HeadObject with a C{partNumber} the object does not have.
+    """
+
+    status = 416
+    message = "The requested partnumber is not satisfiable"
+
+
 class InvalidRange(S3Error):
     """The Range starts beyond the end of the object."""
 

@@ -61,6 +61,7 @@ from anvil.s3.errors import (
     EntityTooLarge,
     InternalError,
     InvalidArgument,
+    InvalidPartNumber,
     InvalidRange,
     InvalidRequest,
     MissingContentLength,
@@ -87,18 +88,6 @@ MAX_PUT_SIZE = 5 * 1024**3
 MAX_PART_SIZE = 5 * 1024**3
 #: Part numbers S3 accepts.
 MIN_PART_NUMBER, MAX_PART_NUMBER = 1, 10000
-
-
-class InvalidPartNumber(S3Error):
-    """
-    GetObject/HeadObject with a C{partNumber} the object does not have.
-
-    (Defined here until L{anvil.s3.errors} has it; the class registers its
-    code like every other S3 error.)
-    """
-
-    status = 416
-    message = "The requested partnumber is not satisfiable"
 
 
 def _response(
