@@ -113,9 +113,14 @@ class ClientTestCase(SynchronousTestCase):
         """
         Run a client command; fail the test with its output if it fails.
         """
+        env = dict(env)
+        # The clients are other programs (Debian's aws and s3cmd run on the
+        # system Python): the path to our sources and venv, which trial's
+        # workers put in PYTHONPATH, would make them import our packages.
+        env.pop("PYTHONPATH", None)
         result = subprocess.run(
             argv,
-            env=dict(env),
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout,
