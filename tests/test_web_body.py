@@ -479,6 +479,53 @@ class DispatchTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
+class MalformedRequestTests(SynchronousTestCase):
+    """
+    Requests the HTTP parser refuses get an answer S3 clients understand.
+    """
+
+    def test_header_section_too_large(self) -> None:
+        """
+        A header section larger than the channel allows is refused with the
+        S3 error document C{RequestHeaderSectionTooLarge} (400), a request
+        id, and the connection closed; the resource is never rendered.
+        """
+        site, recorder, _ = make_site(hold_handler)
+        client = Client(site)
+        client.send(
+            client.request(b"GET", headers={b"x-amz-meta-big": b"v" * (AnvilChannel.totalHeadersSize + 1)})
+        )
+        [response] = client.responses()
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"<Code>RequestHeaderSectionTooLarge</Code>", response.body)
+        self.assertTrue(response.header(b"x-amz-request-id"))
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(recorder.requests, [])
+
+    def test_too_many_headers(self) -> None:
+        """
+        More headers than the channel allows is refused the same way.
+        """
+        site, recorder, _ = make_site(hold_handler)
+        client = Client(site)
+        headers = {b"x-h-%d" % i: b"1" for i in range(AnvilChannel.maxHeaders + 1)}
+        client.send(client.request(b"GET", headers=headers))
+        [response] = client.responses()
+        self.assertIn(b"<Code>RequestHeaderSectionTooLarge</Code>", response.body)
+        self.assertEqual(recorder.requests, [])
+
+    def test_garbage_request_line(self) -> None:
+        """
+        Other malformed requests keep Twisted's bare 400 and close.
+        """
+        site, recorder, _ = make_site(hold_handler)
+        client = Client(site)
+        client.send(b"NOT-HTTP\r\n\r\n")
+        self.assertTrue(client.transport.value().startswith(b"HTTP/1.1 400 Bad Request"))
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(recorder.requests, [])
+
+
 class FlowControlTests(SynchronousTestCase):
     """
     Unread body bytes are bounded: reading from the connection pauses.

@@ -466,6 +466,7 @@ class AnvilChannel(HTTPChannel):
 
     def __init__(self) -> None:
         super().__init__()
+        self._headers_too_large = False
         self._draining: AnvilRequest | None = None
         self._drained = 0
         self._linger: IDelayedCall | None = None
@@ -650,6 +651,61 @@ class AnvilChannel(HTTPChannel):
         self._linger = None
         self._draining = None
         super().connectionLost(reason)
+
+    def lineReceived(self, line: bytes) -> Any:
+        """
+        Note when the request line and headers outgrow C{totalHeadersSize},
+        so the refusal can say so (see L{_respondToBadRequestAndDisconnect}).
+
+        @param line: A request or header line.
+        """
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._headers_too_large = True
+        return super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        A request or header line longer than C{MAX_LENGTH}: refuse it as an
+        oversized header section (Twisted would just drop the connection).
+
+        @param line: What was received of the line.
+        """
+        self._headers_too_large = True
+        self._respondToBadRequestAndDisconnect()
+
+    def headerReceived(self, line: bytes) -> bool:
+        """
+        Note when a request has more than C{maxHeaders} headers.
+
+        @param line: One header line.
+        """
+        if self._receivedHeaderCount + 1 > self.maxHeaders:
+            self._headers_too_large = True
+        return bool(super().headerReceived(line))
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        Refuse a malformed request.  Twisted answers a bare C{400}; S3
+        clients expect an XML error document, and for an oversized header
+        section AWS's code is C{RequestHeaderSectionTooLarge}.
+        """
+        if not self._headers_too_large:
+            super()._respondToBadRequestAndDisconnect()
+            return
+        # Imported here: the web layer does not otherwise depend on S3.
+        from anvil.s3.errors import RequestHeaderSectionTooLarge
+
+        request_id = new_request_id()
+        body = RequestHeaderSectionTooLarge().to_xml("", request_id)
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\n"
+            b"Content-Type: application/xml\r\n"
+            + b"Content-Length: %d\r\n" % len(body)
+            + b"x-amz-request-id: " + request_id.encode("ascii") + b"\r\n"
+            b"Connection: close\r\n\r\n"
+            + body
+        )
+        self.loseConnection()
 
 
 class AnvilSite(Site):
