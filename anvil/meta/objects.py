@@ -1374,6 +1374,140 @@ class ObjectStore:
                 last = (row[0], None)
         return UploadList(uploads, prefixes, truncated, last[0], last[1])
 
+    # -- Garbage collection -------------------------------------------
+    #
+    # Narrow queries for anvil.worker.gc.  Times are cut-offs the caller
+    # computes from its clock; every method is bounded by a limit and
+    # idempotent, so a pass can stop anywhere and the next one resumes.
+
+    async def gc_unreferenced_contents(self, released_before: datetime, limit: int) -> list[str]:
+        """
+        Contents nothing has referenced since before C{released_before},
+        oldest release first (through the partial index C{contents_released}).
+
+        @param released_before: only contents released before this time.
+        @param limit: the most hashes to return.
+        @return: their hashes.
+        """
+        rows = await self._db.run_query(
+            "SELECT hash FROM contents WHERE refcount = 0 AND released_at < %s "
+            "ORDER BY released_at LIMIT %s",
+            (released_before, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def gc_remove_content(
+        self,
+        content_hash: str,
+        released_before: datetime,
+        remove_files: Callable[[ContentRecord], Awaitable[int]],
+    ) -> tuple[ContentRecord, int] | None:
+        """
+        Remove an unreferenced content: in one transaction lock its row,
+        check again that nothing references it (and has not since before
+        C{released_before}), delete the row, call C{remove_files} (not for
+        an inline content) and only then commit.
+
+        The shard files are removed while the deleted row is still locked
+        and uncommitted: a writer that found the content present and is
+        about to reference it waits on that lock, then gets
+        L{ContentMissingError} and commits its own shards, which therefore
+        land after the removal, never before it (see L{anvil.worker.gc}).
+
+        @param content_hash: the content.
+        @param released_before: the grace cut-off.
+        @param remove_files: removes the content's shard files and returns
+            how many it removed; it must not raise (a failure to remove
+            files leaves orphans, never a row without its files).
+        @return: the content removed and the count C{remove_files}
+            returned, or C{None} when it is referenced again, too recently
+            released, gone, or locked by a writer right now.
+        """
+
+        async def remove(cursor: Any) -> tuple[ContentRecord, int] | None:
+            # SKIP LOCKED: a locked row is being referenced by a writer at
+            # this moment; leave it to a later pass instead of waiting.
+            await cursor.execute(
+                f"SELECT {_CONTENT_COLUMNS} FROM contents "
+                "WHERE hash = %s AND refcount = 0 AND released_at < %s FOR UPDATE SKIP LOCKED",
+                (content_hash, released_before),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            content = _content(row)
+            await cursor.execute("DELETE FROM contents WHERE hash = %s", (content_hash,))
+            files = 0 if content.inline_data is not None else await remove_files(content)
+            return content, files
+
+        return await self._retrying(lambda: self._db.run_interaction(remove))
+
+    async def gc_purge_deleted_objects(self, deleted_before: datetime, limit: int) -> int:
+        """
+        Remove soft-deleted object rows (replaced or deleted before
+        C{deleted_before}); they hold no references any more.
+
+        @return: how many rows were removed.
+        """
+        rows = await self._db.run_query(
+            "WITH gone AS (DELETE FROM objects WHERE id = ANY(ARRAY("
+            "SELECT id FROM objects WHERE deleted_at < %s ORDER BY deleted_at LIMIT %s)) "
+            "RETURNING 1) SELECT count(*) FROM gone",
+            (deleted_before, limit),
+        )
+        return int(rows[0][0])
+
+    async def gc_stale_uploads(self, created_before: datetime, limit: int) -> list[str]:
+        """
+        Multipart uploads initiated before C{created_before}, oldest first.
+
+        @return: their upload ids.
+        """
+        rows = await self._db.run_query(
+            "SELECT upload_id FROM multipart_uploads WHERE created_at < %s ORDER BY created_at LIMIT %s",
+            (created_before, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def gc_bucket_uploads(self, bucket_id: int, limit: int) -> list[str]:
+        """
+        Multipart uploads of a bucket (to abort those of a deleted bucket).
+
+        @return: their upload ids.
+        """
+        rows = await self._db.run_query(
+            "SELECT upload_id FROM multipart_uploads WHERE bucket_id = %s "
+            'ORDER BY key, upload_id COLLATE "C" LIMIT %s',
+            (bucket_id, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def gc_bucket_keys(self, bucket_id: int, limit: int) -> list[str]:
+        """
+        Keys of a bucket's live objects (to delete those of a deleted
+        bucket with L{delete_objects}).
+
+        @return: the first C{limit} keys, in order.
+        """
+        rows = await self._db.run_query(
+            "SELECT key FROM objects WHERE bucket_id = %s AND deleted_at IS NULL ORDER BY key LIMIT %s",
+            (bucket_id, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def gc_bucket_has_rows(self, bucket_id: int) -> bool:
+        """
+        Whether anything of a bucket is left in the regional database:
+        live or soft-deleted objects, or multipart uploads.
+        """
+        rows = await self._db.run_query(
+            "SELECT EXISTS (SELECT 1 FROM objects WHERE bucket_id = %s AND deleted_at IS NULL)"
+            " OR EXISTS (SELECT 1 FROM objects WHERE bucket_id = %s AND deleted_at IS NOT NULL)"
+            " OR EXISTS (SELECT 1 FROM multipart_uploads WHERE bucket_id = %s)",
+            (bucket_id, bucket_id, bucket_id),
+        )
+        return bool(rows[0][0])
+
 
 def _check_object(record: ObjectRecord, contents: Sequence[ContentRecord]) -> Counter[str]:
     """
