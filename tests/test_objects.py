@@ -407,6 +407,35 @@ class ObjectStoreTests(TestCase):
         await self.store.delete_object(1, "multi")
         self.assertEqual(await refcount(self.db, b"A" * 3), 2)
 
+    async def test_get_object_with_contents(self) -> None:
+        """
+        An object comes with each content of its manifest once, in one
+        query; a missing or deleted key gives C{None}.
+        """
+        a, b = content_of(b"A" * 3), content_of(b"B" * 2)
+        manifest = [ManifestPart(a.hash, 0, 3, 1), ManifestPart(b.hash, 3, 2, 2), ManifestPart(a.hash, 5, 3, 3)]
+        record = ObjectRecord(1, "multi", 8, "e-3", "t", {"m": "v"}, {}, {}, manifest, WHEN, 3)
+        await self.store.put_object(record, [a, b])
+        found = await self.store.get_object_with_contents(1, "multi")
+        self.assertIsNotNone(found)
+        got, contents = found
+        self.assertEqual(got, await self.store.get_object(1, "multi"))
+        self.assertEqual(contents, {a.hash: a, b.hash: b})
+        await put(self.store, 1, "small", b"hello")
+        small, small_contents = await self.store.get_object_with_contents(1, "small")
+        self.assertEqual(small_contents, await self.store.get_contents(small.content_hashes))
+        self.assertEqual([c.inline_data for c in small_contents.values()], [b"hello"])
+        bare = ObjectRecord(1, "bare", 0, hashlib.md5(b"").hexdigest(), "t", {}, {}, {}, [], WHEN)
+        await self.store.put_object(bare, [])
+        self.assertEqual(
+            await self.store.get_object_with_contents(1, "bare"),
+            (bare.__class__(**{**bare.__dict__, "last_modified": truncate_to_ms(WHEN)}), {}),
+        )
+        self.assertIsNone(await self.store.get_object_with_contents(2, "multi"))
+        self.assertIsNone(await self.store.get_object_with_contents(1, "a\x00b"))
+        await self.store.delete_object(1, "multi")
+        self.assertIsNone(await self.store.get_object_with_contents(1, "multi"))
+
     async def test_empty_objects(self) -> None:
         """
         A zero-length object may have one empty piece or no piece at all.

@@ -539,11 +539,14 @@ RETURNING c.hash, (c.xmax = 0) AS inserted
 """
 
 #: Drop references: {net} is a relation (hash, n) of how many each content
-#: loses.  Rows are locked in hash order first.
+#: loses.  Rows are locked in hash order first.  Contents are found with
+#: = ANY(ARRAY(...)) so that they are read through the primary key: the
+#: planner cannot estimate {net} (it comes from a manifest) and plans a join
+#: with it as a sequential scan of the whole contents table.
 _RELEASE = """
 locked AS (
     SELECT c.hash FROM contents c
-     WHERE c.hash IN (SELECT hash FROM {net})
+     WHERE c.hash = ANY(ARRAY(SELECT hash FROM {net}))
      ORDER BY c.hash
        FOR UPDATE
 ),
@@ -551,8 +554,8 @@ released AS (
     UPDATE contents c
        SET refcount = c.refcount - r.n,
            released_at = CASE WHEN c.refcount = r.n THEN now() ELSE c.released_at END
-      FROM {net} r, locked l
-     WHERE c.hash = r.hash AND l.hash = r.hash
+      FROM {net} r
+     WHERE c.hash = ANY(ARRAY(SELECT hash FROM locked)) AND c.hash = r.hash
     RETURNING c.hash
 )
 """
@@ -591,6 +594,26 @@ SELECT (SELECT count(*) FROM net), (SELECT count(*) FROM released), (SELECT coun
        old.*
   FROM (SELECT 1) one LEFT JOIN old ON TRUE
 """
+)
+
+#: A live object (first kind of row: the object columns, then NULLs) and
+#: the contents of its manifest (second kind: NULLs, then the content
+#: columns), each content once however often the manifest names it.
+_GET_WITH_CONTENTS = (
+    "WITH o AS (SELECT "
+    + _OBJECT_COLUMNS
+    + " FROM objects WHERE bucket_id = %s AND key = %s AND deleted_at IS NULL) "
+    "SELECT o.*, "
+    + ", ".join(["NULL"] * len(_CONTENT_COLUMNS.split(",")))
+    + " FROM o UNION ALL SELECT "
+    + ", ".join(["NULL"] * len(_OBJECT_COLUMNS.split(",")))
+    + ", "
+    + ", ".join("c." + column.strip() for column in _CONTENT_COLUMNS.split(","))
+    # = ANY(ARRAY(...)): the hashes become one array (an InitPlan) and the
+    # contents are read through their primary key; an IN (subquery) here is
+    # planned as a hash join over the whole contents table.
+    + " FROM contents c WHERE c.hash = ANY(ARRAY("
+    "SELECT e->>'hash' FROM o, jsonb_array_elements(o.manifest) e))"
 )
 
 #: Soft-delete the live rows of some keys and drop their references.
@@ -880,6 +903,31 @@ class ObjectStore:
             (bucket_id, key),
         )
         return _object(rows[0]) if rows else None
+
+    async def get_object_with_contents(
+        self, bucket_id: int, key: str
+    ) -> tuple[ObjectRecord, dict[str, ContentRecord]] | None:
+        """
+        The live object of C{key} and the contents its manifest names, in
+        one query (one snapshot, one round trip: what every GetObject
+        needs).
+
+        @return: the object and its contents by hash (a missing content is
+            left out, as in L{get_contents}), or C{None}.
+        """
+        if not key or "\x00" in key:
+            return None
+        rows = await self._db.run_query(_GET_WITH_CONTENTS, (bucket_id, key))
+        record: ObjectRecord | None = None
+        contents: dict[str, ContentRecord] = {}
+        width = len(_OBJECT_COLUMNS.split(","))
+        for row in rows:
+            if row[0] is not None:
+                record = _object(row[:width])
+            else:
+                content = _content(row[width:])
+                contents[content.hash] = content
+        return None if record is None else (record, contents)
 
     async def delete_object(self, bucket_id: int, key: str) -> bool:
         """

@@ -529,6 +529,20 @@ async def object_contents(call: S3Call, record: ObjectRecord) -> dict[str, Conte
     """
     hashes = sorted({part.content_hash for part in record.manifest})
     found = await call.service.objects.get_contents(hashes)
+    check_contents(record, found)
+    return dict(found)
+
+
+def check_contents(record: ObjectRecord, found: Mapping[str, ContentRecord]) -> None:
+    """
+    Check that every content an object's manifest references was found.
+
+    @param record: the object.
+    @param found: the contents found, by hash.
+    @raise S3Error: C{InternalError} when a content record is missing (the
+        metadata is damaged).
+    """
+    hashes = sorted({part.content_hash for part in record.manifest})
     missing = [h for h in hashes if h not in found]
     if missing:
         _log.error(
@@ -538,7 +552,6 @@ async def object_contents(call: S3Call, record: ObjectRecord) -> dict[str, Conte
             missing=missing,
         )
         raise InternalError("The object's data is not available.")
-    return dict(found)
 
 
 async def read_slices(
@@ -679,11 +692,18 @@ async def get_object(call: S3Call) -> S3Response:
     @param call: the request.
     @return: 200 or 206 with the (partial) body.
     """
-    record = await _lookup(call)
+    bucket = require_bucket(call)
+    check_version_id(call)
+    # The object and its contents in one query: one round trip less per
+    # GET, and both from one snapshot.
+    found = await call.service.objects.get_object_with_contents(bucket.id, call.key)
+    if found is None:
+        raise NoSuchKey(Key=call.key)
+    record, contents = found
     mh.check_read_conditions(call.headers, record.etag, record.last_modified)
     selection = select(call, record)
     headers = _read_headers(call, record, selection)
-    contents = await object_contents(call, record)
+    check_contents(record, contents)
     slices = object_slices(record, contents, selection.start, selection.stop)
     body = await primed(read_slices(call.service.engine, slices)) if slices else b""
     return _response(selection.status, headers, body)
