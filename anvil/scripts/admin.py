@@ -246,6 +246,72 @@ async def _bucket_set_public_access(store: GlobalStore, args: argparse.Namespace
         out.line(f"Bucket {args.bucket!r} no longer allows anonymous access.")
 
 
+# -- tasks ---------------------------------------------------------------------
+
+
+def _task_queue(args: argparse.Namespace) -> Any:
+    """
+    The task queue of the global database C{run} put on C{args}.
+    """
+    import socket
+
+    from anvil.worker.queue import TaskQueue
+
+    return TaskQueue(args.global_db, args.reactor, owner=f"{PROG}@{socket.gethostname()}/{os.getpid()}")
+
+
+def _task_columns() -> list[tuple[str, Callable[[Mapping[str, Any]], object]]]:
+    return [
+        ("ID", lambda t: t["id"]),
+        ("KIND", lambda t: t["kind"]),
+        ("STATE", lambda t: t["state"]),
+        ("ATTEMPTS", lambda t: f"{t['attempts']}/{t['max_attempts']}"),
+        ("REGION", lambda t: t["region"] or "-"),
+        ("RUN AFTER", lambda t: _human_time(t["run_after"])),
+        ("LAST ERROR", lambda t: (t["last_error"] or "-")[:60]),
+    ]
+
+
+def _show_task(task: Any, out: _Output, message: str | None = None) -> None:
+    if out.as_json:
+        out.json(task.to_json())
+        return
+    if message:
+        out.line(message)
+    record = task.to_json()
+    for name in record:
+        value = getattr(task, name)
+        if isinstance(value, datetime):
+            value = _human_time(value)
+        elif name == "payload":
+            value = json.dumps(value, sort_keys=True)
+        elif value is None:
+            value = "-"
+        out.line(f"{name + ':':<18}{value}")
+
+
+async def _task_list(store: GlobalStore, args: argparse.Namespace, out: _Output) -> None:
+    tasks = await _task_queue(args).list(state=args.state, kind=args.kind, limit=args.limit)
+    if out.as_json:
+        out.json([t.to_json() for t in tasks])
+        return
+    out.table([vars(t) for t in tasks], _task_columns())
+
+
+async def _task_show(store: GlobalStore, args: argparse.Namespace, out: _Output) -> None:
+    _show_task(await _task_queue(args).get(args.id), out)
+
+
+async def _task_retry(store: GlobalStore, args: argparse.Namespace, out: _Output) -> None:
+    task = await _task_queue(args).retry(args.id)
+    _show_task(task, out, f"Task {task.id} ({task.kind}) is pending again and will run now.")
+
+
+async def _task_cancel(store: GlobalStore, args: argparse.Namespace, out: _Output) -> None:
+    task = await _task_queue(args).cancel(args.id)
+    _show_task(task, out, f"Task {task.id} ({task.kind}) is cancelled.")
+
+
 # -- the parser -------------------------------------------------------------
 
 
@@ -357,7 +423,34 @@ def build_parser() -> argparse.ArgumentParser:
     access.add_argument(
         "--deny", dest="public", action="store_const", const=False, help="deny anonymous access"
     )
+
+    from anvil.worker.queue import STATES
+
+    task_ids = {"type": _task_id, "metavar": "ID", "help": "the task's id"}
+    tasks = group("task", "inspect the task queue; retry or cancel tasks")
+    sub = leaf(tasks, "list", "list tasks, oldest first", _task_list)
+    sub.add_argument("--state", choices=STATES, help="only tasks in this state")
+    sub.add_argument("--kind", metavar="K", help="only tasks of this kind")
+    sub.add_argument("--limit", type=int, default=100, metavar="N", help="at most N tasks (default 100)")
+    leaf(tasks, "show", "show one task", _task_show).add_argument("id", **task_ids)
+    leaf(tasks, "retry", "run a failed or cancelled task again, with all its attempts", _task_retry).add_argument(
+        "id", **task_ids
+    )
+    leaf(tasks, "cancel", "cancel a task that has not finished", _task_cancel).add_argument("id", **task_ids)
     return parser
+
+
+def _task_id(text: str) -> int:
+    """
+    Parse a task id (a positive integer) for argparse.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid task id {text!r}")
+    return value
 
 
 # -- running -------------------------------------------------------------------
@@ -408,6 +501,8 @@ async def run(
                     else:
                         out.line(f"The {role} database is up to date.")
         else:
+            # The task commands work on the queue, not the store.
+            args.global_db, args.reactor = metadata.global_db, reactor
             await args.handler(metadata.global_store, args, out)
     except (AnvilError, ConfigError) as e:
         stderr.write(_error_line(str(e)))
