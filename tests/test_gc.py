@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import TestCase
 
 from anvil.meta.buckets import BucketStore
@@ -36,6 +37,7 @@ from anvil.storage.erasure import ErasureParams
 from anvil.storage.placement import LocalPlacement
 from anvil.storage.shardstore import LocalShardStore
 from anvil.worker.gc import GarbageCollector, GcReport
+from anvil.worker.loop import PeriodicWorker
 from tests.pg import fresh_database
 from tests.test_objects import WHEN, refcount_errors, regional_database
 
@@ -505,17 +507,40 @@ class GarbageCollectorTests(TestCase):
 
     async def test_run_twice_harmless(self) -> None:
         """
-        A second pass right after a collecting one finds nothing to do and
-        reports no error; live data is untouched.
+        A pass logs its report with named fields; a second pass right after
+        it finds nothing to do and reports no error; live data is untouched.
         """
         await self.put("a", BIG)
         await self.put("b", BIG[::-1])
         await self.put("c", b"tiny")
         await self.objects.delete_objects(self.bucket, ["a", "c"])
         self.past_grace()
-        first = await self.gc.run_once()
+        with capturedLogs() as events:
+            first = await self.gc.run_once()
         self.assertEqual((first.contents_removed, first.objects_purged, first.errors), (2, 2, 0))
+        [logged] = [e for e in events if e.get("log_format", "").startswith("Garbage collection pass")]
+        self.assertEqual(
+            (logged["contents_removed"], logged["shard_files_deleted"], logged["objects_purged"]), (2, 6, 2)
+        )
         second = await self.gc.run_once()
         self.assertEqual(second, GcReport())
         self.assertEqual(await self.read("b"), BIG[::-1])
 
+
+    async def test_periodic_worker_runs_passes(self) -> None:
+        """
+        A PeriodicWorker runs the collector as its task, one pass per
+        interval.
+        """
+        content = await self.put("a", BIG)
+        await self.objects.delete_object(self.bucket, "a")
+        self.past_grace()
+        worker = PeriodicWorker(self.gc, 60, self.clock, now=True)
+        worker.startService()
+        self.addCleanup(worker.stopService)
+        deadline = time.monotonic() + 10
+        while worker.passes < 1 and time.monotonic() < deadline:
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual((worker.name, worker.passes, worker.failures), ("worker-gc", 1, 0))
+        self.assertIsNone(await self.content_row(content.hash))
+        self.assertEqual(self.shard_files(content.hash), [])

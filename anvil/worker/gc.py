@@ -136,9 +136,15 @@ class GarbageCollector:
     """
     Removes deleted objects, their unreferenced contents, stale uploads,
     deleted buckets and stale temporary files, one bounded pass at a time.
+
+    An L{anvil.worker.loop.IWorkerTask}: a
+    L{anvil.worker.loop.PeriodicWorker} runs it periodically.
+
+    @ivar name: C{"gc"}, for the worker's logs and metrics.
     """
 
     _log = Logger()
+    name = "gc"
 
     def __init__(
         self,
