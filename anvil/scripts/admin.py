@@ -278,6 +278,7 @@ def _show_task(task: Any, out: _Output, message: str | None = None) -> None:
         return
     if message:
         out.line(message)
+        return
     record = task.to_json()
     for name in record:
         value = getattr(task, name)
