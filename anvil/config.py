@@ -358,6 +358,44 @@ class ErasureSection:
 
 
 @dataclass(frozen=True)
+class WorkerSection:
+    """
+    C{[worker]}: background maintenance.
+    """
+
+    gc_interval: float = field(
+        default=60.0,
+        metadata=_key(
+            "ANVIL_GC_INTERVAL",
+            None,
+            "Seconds between garbage-collection passes (removing the data of "
+            "deleted objects, buckets and aborted uploads).",
+            "SECONDS",
+        ),
+    )
+    gc_grace: float = field(
+        default=300.0,
+        metadata=_key(
+            "ANVIL_GC_GRACE",
+            None,
+            "Seconds deleted data is kept before it is collected; longer than "
+            "any upload takes from its last byte to its commit.",
+            "SECONDS",
+        ),
+    )
+    stale_upload_age: float = field(
+        default=7 * 86400.0,
+        metadata=_key(
+            "ANVIL_STALE_UPLOAD_AGE",
+            None,
+            "Seconds after which an unfinished multipart upload is aborted "
+            "and its parts collected.",
+            "SECONDS",
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """
     A node's validated configuration.
@@ -370,6 +408,7 @@ class NodeConfig:
     secrets: SecretsSection = field(default_factory=SecretsSection)
     storage: StorageSection = field(default_factory=StorageSection)
     erasure: ErasureSection = field(default_factory=ErasureSection)
+    worker: WorkerSection = field(default_factory=WorkerSection)
 
     @property
     def embedded(self) -> bool:
@@ -749,6 +788,15 @@ def _check_storage(config: NodeConfig) -> None:
         )
 
 
+def _check_worker(config: NodeConfig) -> None:
+    worker = config.worker
+    if worker.gc_interval <= 0 or worker.gc_grace < 0 or worker.stale_upload_age <= 0:
+        raise ConfigError(
+            "worker.gc_interval and worker.stale_upload_age must be positive and "
+            "worker.gc_grace must not be negative."
+        )
+
+
 def _check_writable(config: NodeConfig) -> None:
     for dotted, path in [("node.data_dir", config.node.data_dir)] + [
         ("storage.dirs", d) for d in config.storage.dirs
@@ -797,6 +845,7 @@ _CHECKS: list[Callable[[NodeConfig], None]] = [
     _check_secrets,
     _check_key_file,
     _check_storage,
+    _check_worker,
     _check_writable,
 ]
 

@@ -8,8 +8,7 @@ children in reverse, stop in the opposite order:
   1. metadata: the embedded PostgreSQL (when no URLs are configured), the
      global and regional connection pools, migrations;
   2. workers: the CPU pool (hashing, erasure coding) and the disk I/O
-     pool of the storage engine (background loops join them with the task
-     queue);
+     pool of the storage engine, and the garbage collector's loop;
   3. the API listener, last to start and first to stop, so on SIGTERM the
      node stops accepting requests before anything they need goes away.
 
@@ -42,6 +41,8 @@ from anvil.s3.service import S3Service, build_s3
 from anvil.storage.cpu import CpuPool
 from anvil.storage.shardstore import LocalShardStore
 from anvil.web.listener import DrainingListener, track_channels
+from anvil.worker.gc import GarbageCollector
+from anvil.worker.loop import PeriodicWorker
 from anvil.web.readiness import Readiness
 from anvil.web.root import RootResource
 from anvil.web.server import AnvilSite
@@ -181,6 +182,17 @@ class NodeService(MultiService):
             clock=self._reactor,
         )
         s3 = await self._storage(metadata, node_id)
+        # Workers start before the listener and stop after it has drained.
+        collector = GarbageCollector(
+            s3.objects,
+            s3.buckets,
+            s3.engine,
+            self._reactor,
+            grace_seconds=config.worker.gc_grace,
+            stale_upload_seconds=config.worker.stale_upload_age,
+            region=config.node.region,
+        )
+        PeriodicWorker(collector, config.worker.gc_interval, self._reactor).setServiceParent(self)
         root = RootResource(readiness, self.metrics, s3.resource())
         site = AnvilSite(root, self.metrics, self._reactor)
         channels = track_channels(site)

@@ -402,3 +402,57 @@ class ExternalDatabaseTests(SynchronousTestCase):
         self.assertIn("acme", listing.stdout)
         for node in nodes:
             self.assertEqual(node.terminate(30), 0)
+
+
+class GarbageCollectionTests(SynchronousTestCase):
+    """
+    A running node removes the data of deleted objects by itself.
+    """
+
+    def test_deleted_object_shards_disappear(self) -> None:
+        """
+        After DeleteObject, the object's shard files vanish from the data
+        directory within a few garbage-collection passes, while a second
+        object with the same content (deduplicated) stays readable until it
+        is deleted too.
+        """
+        import boto3
+        from botocore.config import Config
+
+        data_dir = short_tmpdir(self)
+        node = NodeProcess(
+            self, data_dir, env={"ANVIL_GC_INTERVAL": "0.5", "ANVIL_GC_GRACE": "0"}
+        ).start()
+        node.wait_ready(60)
+        credentials = node.credentials()
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=node.url,
+            aws_access_key_id=credentials["access_key_id"],
+            aws_secret_access_key=credentials["secret_access_key"],
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
+        )
+        body = os.urandom(3 * 1024 * 1024 + 5)
+        s3.create_bucket(Bucket="gc-bucket")
+        s3.put_object(Bucket="gc-bucket", Key="a", Body=body)
+        s3.put_object(Bucket="gc-bucket", Key="b", Body=body)
+
+        def shard_files() -> list[str]:
+            found = []
+            for root, _, files in os.walk(os.path.join(data_dir, "shards")):
+                found += [os.path.join(root, f) for f in files]
+            return found
+
+        self.assertEqual(len(shard_files()), 6)
+        s3.delete_object(Bucket="gc-bucket", Key="a")
+        time.sleep(3)
+        self.assertEqual(len(shard_files()), 6)
+        self.assertEqual(s3.get_object(Bucket="gc-bucket", Key="b")["Body"].read(), body)
+
+        s3.delete_object(Bucket="gc-bucket", Key="b")
+        deadline = time.monotonic() + 30
+        while shard_files() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.assertEqual(shard_files(), [])
+        self.assertEqual(node.terminate(30), 0)
