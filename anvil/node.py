@@ -160,53 +160,10 @@ class NodeService(MultiService):
             version=__version__, region=config.node.region, node_id=node_id
         )
 
-        async def membership_check() -> None:
-            if not membership.alive():
-                raise AnvilError("no alive member")
-
-        async def startup_check() -> None:
-            # The listener opens before the first-start bootstrap finishes
-            # (the credentials name the bound port): not ready until then.
-            if not self.ready.called:
-                raise AnvilError("still starting")
-
-        timeout = config.database.ready_timeout
-        readiness = Readiness(
-            [
-                ("global database", lambda: metadata.global_db.ping(timeout)),
-                ("regional database", lambda: metadata.regional_db.ping(timeout)),
-                ("membership", membership_check),
-                ("startup", startup_check),
-            ],
-            timeout=timeout,
-            clock=self._reactor,
-        )
+        readiness = self._readiness(metadata, membership)
         s3 = await self._storage(metadata, node_id)
-        # Workers start before the listener and stop after it has drained.
-        collector = GarbageCollector(
-            s3.objects,
-            s3.buckets,
-            s3.engine,
-            self._reactor,
-            grace_seconds=config.worker.gc_grace,
-            stale_upload_seconds=config.worker.stale_upload_age,
-            region=config.node.region,
-        )
-        PeriodicWorker(collector, config.worker.gc_interval, self._reactor).setServiceParent(self)
-        root = RootResource(readiness, self.metrics, s3.resource())
-        site = AnvilSite(root, self.metrics, self._reactor)
-        channels = track_channels(site)
-        endpoint = serverFromString(self._reactor, config.api.listen)
-        try:
-            port = await endpoint.listen(site)
-        except Exception as e:
-            raise AnvilError(
-                f"api.listen {config.api.listen!r}: cannot listen: {e}"
-            ) from None
-        self.api_port = port.getHost().port
-        DrainingListener(
-            port, channels, self._reactor, config.node.shutdown_timeout
-        ).setServiceParent(self)
+        self._workers(s3)
+        port = await self._listen(RootResource(readiness, self.metrics, s3.resource()))
         endpoint_url = self.api_url(port.getHost())
         if not config.api.public_addr:
             membership.set_local(api_addr=endpoint_url)
@@ -221,6 +178,69 @@ class NodeService(MultiService):
         self._log.info(
             "Anvil node {node_id} serving S3 on {url}", node_id=node_id, url=endpoint_url
         )
+
+    def _readiness(self, metadata: Metadata, membership: Membership) -> Readiness:
+        """
+        The checks behind C{/ready}: both databases answer, membership holds
+        an alive member, and start-up has finished.
+        """
+
+        async def membership_check() -> None:
+            if not membership.alive():
+                raise AnvilError("no alive member")
+
+        async def startup_check() -> None:
+            # The listener opens before the first-start bootstrap finishes
+            # (the credentials name the bound port): not ready until then.
+            if not self.ready.called:
+                raise AnvilError("still starting")
+
+        timeout = self._config.database.ready_timeout
+        return Readiness(
+            [
+                ("global database", lambda: metadata.global_db.ping(timeout)),
+                ("regional database", lambda: metadata.regional_db.ping(timeout)),
+                ("membership", membership_check),
+                ("startup", startup_check),
+            ],
+            timeout=timeout,
+            clock=self._reactor,
+        )
+
+    def _workers(self, s3: S3Service) -> None:
+        """
+        Start the background loops; they join before the listener, so they
+        stop after it has drained.
+        """
+        config = self._config
+        collector = GarbageCollector(
+            s3.objects,
+            s3.buckets,
+            s3.engine,
+            self._reactor,
+            grace_seconds=config.worker.gc_grace,
+            stale_upload_seconds=config.worker.stale_upload_age,
+            region=config.node.region,
+        )
+        PeriodicWorker(collector, config.worker.gc_interval, self._reactor).setServiceParent(self)
+
+    async def _listen(self, root: RootResource) -> Any:
+        """
+        Open the API listener (the last child: first to stop, draining).
+
+        @return: the listening port.
+        """
+        config = self._config
+        site = AnvilSite(root, self.metrics, self._reactor)
+        channels = track_channels(site)
+        endpoint = serverFromString(self._reactor, config.api.listen)
+        try:
+            port = await endpoint.listen(site)
+        except Exception as e:
+            raise AnvilError(f"api.listen {config.api.listen!r}: cannot listen: {e}") from None
+        self.api_port = port.getHost().port
+        DrainingListener(port, channels, self._reactor, config.node.shutdown_timeout).setServiceParent(self)
+        return port
 
     async def _storage(self, metadata: Metadata, node_id: str) -> S3Service:
         """
