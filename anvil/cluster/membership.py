@@ -73,12 +73,41 @@ class Membership:
         """
         return [m for m in self.members() if m.state is MemberState.ALIVE]
 
+    def get(self, node_id: str) -> Member | None:
+        """
+        The record of one member, or C{None} if this node does not know it.
+        """
+        return self._members.get(node_id)
+
+    def remove(self, node_id: str) -> None:
+        """
+        Forget a member (a dead or departed one, once its news has spread).
+
+        @raise ValueError: for this node's own record, which always stays.
+        """
+        if node_id == self.local.node_id:
+            raise ValueError("the local member cannot be removed")
+        self._members.pop(node_id, None)
+
+    def by_state(self) -> dict[MemberState, int]:
+        """
+        How many known members are in each state (every state present,
+        zero included), for the members-by-state gauge.
+        """
+        counts = {state: 0 for state in MemberState}
+        for member in self._members.values():
+            counts[member.state] += 1
+        return counts
+
     def update(self, members: Iterable[Member]) -> None:
         """
         Record newer information about members.
         """
         for member in members:
             self._members[member.node_id] = member
+            if member.node_id == self.local.node_id:
+                # Keep C{local} and the table in step.
+                self.local = member
 
     def set_local(self, **changes: object) -> Member:
         """
