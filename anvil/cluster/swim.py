@@ -652,6 +652,11 @@ class Swim:
                 )
                 self._broadcast(record)
                 return True
+            if update.state is not MemberState.ALIVE and local.node_id not in self._broadcasts:
+                # News of an older suspicion still circulates, so the
+                # refutation has not reached everyone (its sends may have
+                # been lost): announce it again.
+                self._broadcast(local)
             return False
         known = self.membership.get(update.node_id)
         if known is not None and not overrides(update, known):
@@ -671,15 +676,15 @@ class Swim:
         Start or cancel the suspicion and reap timers for a new record.
         """
         node_id = update.node_id
+        # A suspicion of a newer incarnation gets its own full timeout: the
+        # member refuted the older one.
+        call = self._suspicion.pop(node_id, None)
+        if call is not None and call.active():
+            call.cancel()
         if update.state is MemberState.SUSPECT:
-            if node_id not in self._suspicion:
-                self._suspicion[node_id] = self._clock.callLater(
-                    self.config.suspicion_timeout, self._suspicion_expired, node_id
-                )
-        else:
-            call = self._suspicion.pop(node_id, None)
-            if call is not None and call.active():
-                call.cancel()
+            self._suspicion[node_id] = self._clock.callLater(
+                self.config.suspicion_timeout, self._suspicion_expired, node_id
+            )
         if update.state in (MemberState.DEAD, MemberState.LEFT):
             if node_id not in self._reap:
                 self._reap[node_id] = self._clock.callLater(
