@@ -44,6 +44,7 @@ CONFIG = SwimConfig(
     dead_member_reap_after=1000.0,
     piggyback_max=8,
     retransmit_mult=4,
+    sync_interval=10.0,
 )
 
 
@@ -301,9 +302,11 @@ class SwimTests(SynchronousTestCase):
     def test_convergence_with_loss(self) -> None:
         """
         With 5% of messages lost, twenty members still converge, and the
-        refutations keep every one of them alive.
+        refutations keep every one of them alive (with a suspicion timeout
+        long enough for a refutation to spread through twenty members).
         """
-        clock, net, nodes = cluster(self, 20, seed=3)
+        config = replace(CONFIG, suspicion_timeout=8.0)
+        clock, net, nodes = cluster(self, 20, seed=3, config=config)
         net.loss = 0.05
         run(clock, 60.0)
         net.loss = 0.0
@@ -367,7 +370,9 @@ class SwimTests(SynchronousTestCase):
         run(clock, 20.0)
         others = [s for s in nodes if s is not leaver]
         self.assertEqual(net.views(leaver.local.node_id, others), {MemberState.LEFT})
-        self.assertEqual([e for e in net.events if e[1] in (FAILURE, SUSPECT)], [])
+        # A probe already under way may suspect the leaver for a moment;
+        # the I{left} record overrides that, and nobody declares it dead.
+        self.assertEqual([e for e in net.events if e[1] == FAILURE], [])
         self.assertEqual(len([e for e in net.events if e[1] == LEAVE]), 9)
         # The departed node answers nothing any more.
         self.assertIsNone(self.successResultOf(leaver.receive(Ping("n00", 1))))

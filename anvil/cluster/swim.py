@@ -239,6 +239,17 @@ class JoinReply(Message):
 
 
 @dataclass(frozen=True)
+class Sync(Message):
+    """
+    Anti-entropy: the sender's full member list; answered by the receiver's
+    own as a L{JoinReply}.
+    """
+
+    kind: ClassVar[str] = "sync"
+    members: tuple[Member, ...] = ()
+
+
+@dataclass(frozen=True)
 class SwimConfig:
     """
     Protocol timing and fan-out.
@@ -255,6 +266,10 @@ class SwimConfig:
     @ivar retransmit_mult: each update is sent
         C{retransmit_mult * ceil(log10(n + 1))} times (SWIM's lambda).
     @ivar join_backoff_max: longest wait between join attempts.
+    @ivar sync_interval: seconds between full-state exchanges with one
+        random member (anti-entropy, as memberlist's push-pull); it repairs
+        what bounded gossip missed and heals views after a partition.
+        C{0} disables it.
     """
 
     protocol_period: float = 1.0
@@ -265,12 +280,15 @@ class SwimConfig:
     piggyback_max: int = 8
     retransmit_mult: int = 4
     join_backoff_max: float = 30.0
+    sync_interval: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 < self.ack_timeout < self.protocol_period:
             raise ValueError("ack_timeout must be positive and below protocol_period")
         if self.indirect_probes < 0 or self.piggyback_max < 1 or self.retransmit_mult < 1:
             raise ValueError("indirect_probes, piggyback_max and retransmit_mult out of range")
+        if self.sync_interval < 0:
+            raise ValueError("sync_interval must not be negative")
         if self.suspicion_timeout <= 0 or self.dead_member_reap_after <= 0:
             raise ValueError("timeouts must be positive")
 
@@ -329,6 +347,7 @@ class Swim:
         self._suspicion: dict[str, IDelayedCall] = {}
         self._reap: dict[str, IDelayedCall] = {}
         self._loop: LoopingCall | None = None
+        self._sync_loop: LoopingCall | None = None
         self._stopped = False
         self._left = False
 
@@ -350,6 +369,10 @@ class Swim:
             self._loop = LoopingCall(self._tick)
             self._loop.clock = self._clock
             self._loop.start(self.config.protocol_period, now=False)
+        if self._sync_loop is None and self.config.sync_interval:
+            self._sync_loop = LoopingCall(self._sync)
+            self._sync_loop.clock = self._clock
+            self._sync_loop.start(self.config.sync_interval, now=False)
 
     def stop(self) -> None:
         """
@@ -360,6 +383,9 @@ class Swim:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._sync_loop is not None and self._sync_loop.running:
+            self._sync_loop.stop()
+        self._sync_loop = None
         for call in [*self._suspicion.values(), *self._reap.values()]:
             if call.active():
                 call.cancel()
@@ -418,6 +444,10 @@ class Swim:
             return succeed(
                 JoinReply(sender=self.local.node_id, members=tuple(self.membership.members()))
             )
+        if isinstance(message, Sync):
+            reply = JoinReply(sender=self.local.node_id, members=tuple(self.membership.members()))
+            self._apply_all(message.members)
+            return succeed(reply)
         if isinstance(message, Ack):
             self._apply_all(message.updates)
             return succeed(None)
@@ -438,6 +468,34 @@ class Swim:
             return
         d = Deferred.fromCoroutine(self._probe(target))
         d.addErrback(lambda f: self._log.failure("probe failed", f))
+
+    def _sync(self) -> None:
+        """
+        Exchange full member lists with one random member.  Dead members
+        are candidates too: after a partition heals, that is how the two
+        sides, each believing the other dead, meet again (each then learns
+        it is believed dead and refutes).
+        """
+        if self._stopped:
+            return
+        peers = [
+            m for m in self.membership.members()
+            if m.state is not MemberState.LEFT and m.node_id != self.local.node_id
+        ]
+        if not peers:
+            return
+        peer = self._rng.choice(peers)
+        d = self._request(
+            peer.cluster_addr,
+            Sync(self.local.node_id, tuple(self.membership.members())),
+            self.config.protocol_period,
+        )
+
+        def got(reply: Message | None) -> None:
+            if isinstance(reply, JoinReply) and not self._stopped:
+                self._apply_all(reply.members)
+
+        d.addCallback(got)
 
     def _next_target(self) -> Member | None:
         """
