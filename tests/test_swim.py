@@ -437,6 +437,64 @@ class SwimTests(SynchronousTestCase):
         self.assertTrue(all_alive(nodes, 5))
         self.assertEqual([e for e in net.events if e[1] != JOIN], [])
 
+    def test_partition_heals(self) -> None:
+        """
+        After a partition heals, the member each side declared dead is alive
+        everywhere again (through the periodic full-state sync), with a
+        higher incarnation.
+        """
+        clock, net, nodes = cluster(self, 6, seed=23)
+        run(clock, 10.0)
+        victim = nodes[2]
+        for swim in nodes:
+            if swim is not victim:
+                net.partition(victim.local.cluster_addr, swim.local.cluster_addr)
+        run(clock, 15.0)
+        others = [s for s in nodes if s is not victim]
+        self.assertEqual(net.views(victim.local.node_id, others), {MemberState.DEAD})
+        self.assertEqual(len(victim.membership.alive()), 1)
+        net.blocked.clear()
+        run(clock, 40.0)
+        self.assertTrue(all_alive(nodes, 6))
+        self.assertGreater(victim.local.incarnation, 0)
+
+    def test_dead_members_reaped(self) -> None:
+        """
+        A dead member is forgotten C{dead_member_reap_after} seconds after it
+        was declared dead, and not before.
+        """
+        config = replace(CONFIG, dead_member_reap_after=30.0)
+        clock, net, nodes = cluster(self, 5, seed=29, config=config)
+        run(clock, 5.0)
+        net.crash(nodes[1])
+        run(clock, 15.0)
+        others = [s for s in nodes if s is not nodes[1]]
+        self.assertEqual(net.views("n01", others), {MemberState.DEAD})
+        run(clock, 10.0)
+        self.assertEqual(net.views("n01", others), {MemberState.DEAD})
+        run(clock, 30.0)
+        self.assertEqual(net.views("n01", others), {None})
+        self.assertTrue(all_alive(others, 4))
+
+    def test_join_for_another_refused(self) -> None:
+        """
+        A join whose member record names another node than its sender is
+        refused and changes nothing.
+        """
+        clock = Clock()
+        net = Network(clock)
+        seed = net.node("s")
+        forged = Join("mallory", Member("victim", "r1", "", "v:1"))
+        self.assertIsNone(self.successResultOf(seed.receive(forged)))
+        self.assertIsNone(seed.membership.get("victim"))
+
+    def test_config_validated(self) -> None:
+        """
+        An ack timeout that does not fit in the protocol period is refused.
+        """
+        self.assertRaises(ValueError, SwimConfig, protocol_period=1.0, ack_timeout=1.0)
+        self.assertRaises(ValueError, SwimConfig, sync_interval=-1.0)
+
     def test_join_retries(self) -> None:
         """
         A join while the seed is down is retried with backoff until the seed

@@ -440,14 +440,23 @@ class Swim:
             self._apply_all(message.updates)
             return Deferred.fromCoroutine(self._relay(message))
         if isinstance(message, Join):
+            if message.member.node_id != message.sender:
+                # Only a node itself may ask to join (the transport ties the
+                # sender to the peer's certificate).
+                self._log.warn("refusing a join for {node_id} sent by {sender}",
+                               node_id=message.member.node_id, sender=message.sender)
+                return succeed(None)
             self._apply(message.member)
             return succeed(
                 JoinReply(sender=self.local.node_id, members=tuple(self.membership.members()))
             )
         if isinstance(message, Sync):
-            reply = JoinReply(sender=self.local.node_id, members=tuple(self.membership.members()))
+            # Apply first, so that a refutation this list provokes (it may
+            # say this node is dead) goes back in the reply.
             self._apply_all(message.members)
-            return succeed(reply)
+            return succeed(
+                JoinReply(sender=self.local.node_id, members=tuple(self.membership.members()))
+            )
         if isinstance(message, Ack):
             self._apply_all(message.updates)
             return succeed(None)
@@ -717,6 +726,11 @@ class Swim:
                 self._broadcast(local)
             return False
         known = self.membership.get(update.node_id)
+        if known is None and update.state in (MemberState.DEAD, MemberState.LEFT):
+            # Nothing to bury (as memberlist): keeping such news of a member
+            # this node never knew, or already reaped, would let
+            # tombstones bounce between views for ever through the sync.
+            return False
         if known is not None and not overrides(update, known):
             return False
         self.membership.update([update])
