@@ -234,6 +234,8 @@ class MessageTests(SynchronousTestCase):
             "[]",
             '{"kind": "shout", "sender": "a"}',
             '{"kind": "ping", "sender": "a", "seq": 1}',
+            '{"kind": "ack", "sender": "a", "seq": "1", "updates": []}',
+            '{"kind": "ack", "sender": ["a"], "seq": 1, "updates": []}',
             '{"kind": "join", "sender": "a", "member": {"node_id": "a"}}',
             Join("a", Member("a", "r", "", "", state=MemberState.ALIVE)).to_json().replace(
                 '"alive"', '"zombie"'

@@ -27,6 +27,17 @@ C{j} (known):
     incarnation; here a stale I{dead} must not kill a member that has
     already come back with a higher incarnation, so it does not.
 
+Bounded gossip can miss a member now and then, and after a partition each
+side believes the other dead and probes it no more; so every
+C{sync_interval} a node also exchanges its full member list with one random
+member (memberlist's push-pull), dead ones included.
+
+State changes of other members in this node's view are reported to an
+C{on_event(kind, member)} callback for metrics: C{JOIN} (a member first
+seen, or back after leaving; the list received on joining counts too),
+C{LEAVE}, C{FAILURE} (declared dead), C{RECOVERY} (alive again after being
+suspect or dead) and C{SUSPECT}.
+
 The transport is a callable C{send(cluster_addr, message)} returning a
 L{Deferred} that fires with the peer's response (a L{Message} or C{None});
 the peer side calls L{Swim.receive}.  Messages are plain dataclasses with
@@ -130,6 +141,9 @@ class Message:
     sender: str
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        """
+        Register each message class under its C{kind} for L{from_json}.
+        """
         super().__init_subclass__(**kwargs)
         Message._kinds[cls.kind] = cls
 
@@ -173,9 +187,10 @@ class Message:
                 elif f.type == "tuple[Member, ...]":
                     value = tuple(member_from_dict(m) for m in value)
                 elif f.type == "int":
-                    value = int(value)
-                else:
-                    value = str(value)
+                    if not isinstance(value, int) or isinstance(value, bool):
+                        raise TypeError(f"{f.name} is not an integer")
+                elif not isinstance(value, str):
+                    raise TypeError(f"{f.name} is not a string")
                 args[f.name] = value
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed {kind.kind} message: {e}") from e
@@ -283,6 +298,9 @@ class SwimConfig:
     sync_interval: float = 30.0
 
     def __post_init__(self) -> None:
+        """
+        @raise ValueError: for timings or counts the protocol cannot run with.
+        """
         if not 0 < self.ack_timeout < self.protocol_period:
             raise ValueError("ack_timeout must be positive and below protocol_period")
         if self.indirect_probes < 0 or self.piggyback_max < 1 or self.retransmit_mult < 1:
@@ -632,12 +650,18 @@ class Swim:
         return d
 
     def _next_seq(self) -> int:
+        """
+        A new sequence number for an outgoing probe.
+        """
         self._seq += 1
         return self._seq
 
     # -- join and leave -----------------------------------------------
 
     async def _join(self, seeds: list[str], attempts: int | None) -> int:
+        """
+        The body of L{join}.
+        """
         backoff = self.config.protocol_period
         attempt = 0
         while attempts is None or attempt < attempts:
@@ -671,6 +695,9 @@ class Swim:
         raise JoinFailed(f"no seed answered: {', '.join(seeds)}")
 
     async def _leave(self) -> None:
+        """
+        The body of L{leave}.
+        """
         self._left = True
         record = self.membership.set_local(state=MemberState.LEFT)
         peers = [
@@ -691,6 +718,9 @@ class Swim:
     # -- updates ------------------------------------------------------
 
     def _apply_all(self, updates: Iterable[Member]) -> None:
+        """
+        L{_apply} each record in turn.
+        """
         for update in updates:
             self._apply(update)
 
@@ -768,6 +798,9 @@ class Swim:
                 call.cancel()
 
     def _suspicion_expired(self, node_id: str) -> None:
+        """
+        A suspect stayed suspect for the whole timeout: declare it dead.
+        """
         self._suspicion.pop(node_id, None)
         member = self.membership.get(node_id)
         if member is not None and member.state is MemberState.SUSPECT:
@@ -775,6 +808,9 @@ class Swim:
             self._apply(replace(member, state=MemberState.DEAD))
 
     def _reap_member(self, node_id: str) -> None:
+        """
+        Forget a member that has been dead or departed long enough.
+        """
         self._reap.pop(node_id, None)
         member = self.membership.get(node_id)
         if member is not None and member.state in (MemberState.DEAD, MemberState.LEFT):
@@ -808,6 +844,9 @@ class Swim:
     # -- dissemination ------------------------------------------------
 
     def _retransmit_limit(self) -> int:
+        """
+        How many times each update is piggybacked: lambda * log(n).
+        """
         n = len(self.membership.members())
         return self.config.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
 
