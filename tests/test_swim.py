@@ -90,7 +90,9 @@ class Network:
         self.blocked: set[tuple[str, str]] = set()
         self.mute: set[str] = set()
         self.events: list[tuple[str, str, str]] = []  # (observer, kind, subject)
+        # Counters for assertions on the traffic.
         self.sent = 0
+        self.most_updates = 0
 
     def node(self, node_id: str, config: SwimConfig = CONFIG, seed: int | None = None) -> Swim:
         """
@@ -116,6 +118,9 @@ class Network:
         self.blocked |= {(a, b), (b, a)}
 
     def _lost(self, src: str, dst: str) -> bool:
+        """
+        Whether one message from C{src} to C{dst} is lost.
+        """
         return (
             src in self.down
             or dst in self.down
@@ -130,6 +135,7 @@ class Network:
 
         def send(dst: str, message: Message) -> Deferred[Message | None]:
             self.sent += 1
+            self.most_updates = max(self.most_updates, len(getattr(message, "updates", ())))
             result: Deferred[Message | None] = Deferred()
             wire = message.to_json()
 
@@ -300,6 +306,12 @@ class SwimTests(SynchronousTestCase):
         run(clock, 10.0)
         self.assertTrue(all_alive(nodes, 50))
         self.assertEqual([e for e in net.events if e[1] != JOIN], [])
+        # Piggybacking stays bounded: at most piggyback_max updates, plus
+        # the recipient's own record when it is not believed alive.
+        self.assertLessEqual(net.most_updates, CONFIG.piggyback_max + 1)
+        # Each update is sent a bounded number of times: the queues drain.
+        run(clock, 30.0)
+        self.assertEqual([s.local.node_id for s in nodes if s._broadcasts], [])
 
     def test_convergence_with_loss(self) -> None:
         """
