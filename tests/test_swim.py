@@ -422,6 +422,33 @@ class SwimTests(SynchronousTestCase):
             sorted(s.local.node_id for s in others),
         )
 
+    def test_rejoin_after_leave(self) -> None:
+        """
+        A member that left and starts again comes back alive everywhere with
+        a higher incarnation than the one it left with.
+        """
+        clock, net, nodes = cluster(self, 6, seed=31)
+        run(clock, 5.0)
+        leaver = nodes[3]
+        leaver.leave()
+        run(clock, 15.0)
+        others = [s for s in nodes if s is not leaver]
+        self.assertEqual(net.views("n03", others), {MemberState.LEFT})
+        before = len(net.events)
+        reborn = net.node("n03", seed=77)
+        d = reborn.join([addr("n00")])
+        run(clock, 0.5)
+        self.assertEqual(self.successResultOf(d), 6)
+        self.assertEqual(reborn.local.incarnation, 1)
+        self.assertEqual(nodes[0].membership.get("n03").state, MemberState.ALIVE)
+        reborn.start()
+        run(clock, 10.0)
+        self.assertTrue(all_alive(others + [reborn], 6))
+        self.assertEqual(
+            sorted(o for (o, k, s) in net.events[before:] if k == JOIN and s == "n03"),
+            sorted(s.local.node_id for s in others),
+        )
+
     def test_partitioned_member_dead(self) -> None:
         """
         A member cut off from every other is declared dead by all of them.
