@@ -23,12 +23,16 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from anvil.cluster.ca import CAStore, ClusterCA, node_id_of
 from anvil.cluster.tls import (
     CERT_FILE,
     KEY_FILE,
+    ClusterTLSPolicy,
     NodeIdentity,
     PeerIdentityError,
     client_context,
@@ -391,6 +395,102 @@ class MutualTLSTests(TestCase):
             client_context(identity, self.ca, NODE_A), NODE_X.encode() + b":hello"
         )
         self.assertEqual(client.received, NODE_B.encode() + b" refused")
+
+
+    async def test_expired_certificate(self) -> None:
+        """
+        A certificate from the cluster CA that has expired is refused.
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        long_ago = time.time() - 100 * DAY
+        expired = NodeIdentity(
+            NODE_B, key, self.ca.issue_node_certificate(NODE_B, key.public_key(), long_ago, 10 * DAY)
+        )
+        client, reason = await self._exchange(
+            client_context(expired, self.ca, None), NODE_B.encode() + b":hello"
+        )
+        self._assert_refused(client, reason)
+
+
+class _Body(Protocol):
+    """
+    Collects a response body (C{readBody} warns about Agent's transports).
+    """
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure) -> None:
+        if reason.check(ResponseDone):
+            self.done.callback(self.data)
+        else:
+            self.done.errback(reason)
+
+
+class _WhoAmI(Resource):
+    """
+    Answers with the verified node id of the requesting peer.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return peer_node_id(request.transport).encode("ascii")
+
+
+class HTTPSTests(TestCase):
+    """
+    A twisted.web site under mutual TLS, queried by an C{Agent} with
+    L{ClusterTLSPolicy}, as the cluster listener and its peers will be.
+    """
+
+    timeout = 10
+
+    def setUp(self) -> None:
+        self.ca = ClusterCA.generate(time.time())
+        factory = TLSMemoryBIOFactory(
+            server_context(_identity(self, self.ca, NODE_A), self.ca), False, Site(_WhoAmI())
+        )
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.url = f"https://127.0.0.1:{self.port.getHost().port}/".encode()
+
+    def _agent(self, expected: str | None) -> Agent:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        seen: list[tuple[str, int]] = []
+        self.netlocs = seen
+
+        def expected_node_id(host: str, port: int) -> str | None:
+            seen.append((host, port))
+            return expected
+
+        policy = ClusterTLSPolicy(_identity(self, self.ca, NODE_B), self.ca, expected_node_id)
+        return Agent(reactor, contextFactory=policy, pool=pool)
+
+    async def test_peer_request(self) -> None:
+        """
+        A peer's request reaches the site, which sees the peer's node id.
+        """
+        response = await self._agent(NODE_A).request(b"GET", self.url)
+        self.assertEqual(response.code, 200)
+        body = _Body()
+        response.deliverBody(body)
+        self.assertEqual(await body.done, NODE_B.encode())
+        self.assertEqual(self.netlocs, [("127.0.0.1", self.port.getHost().port)])
+
+    async def test_wrong_node_at_address(self) -> None:
+        """
+        A request to an address where another node than the expected one
+        answers fails without a response.
+        """
+        with self.assertRaises(Exception) as caught:
+            await self._agent(NODE_X).request(b"GET", self.url)
+        self.assertIn("certificate verify failed", repr(caught.exception))
 
 
 @implementer(IOpenSSLClientConnectionCreator)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import secrets as _random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -36,6 +36,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.web.iweb import IPolicyForHTTPS
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -306,6 +307,48 @@ def client_context(
     if expected_node_id is not None:
         check_node_id(expected_node_id)
     return _ClientCreator(_context(identity, ca, expected_node_id))
+
+
+@implementer(IPolicyForHTTPS)
+class ClusterTLSPolicy:
+    """
+    The HTTPS policy for a twisted.web C{Agent} (or treq) talking to peers'
+    cluster listeners: each connection presents this node's identity and
+    requires the peer to be the node the caller expects at that address.
+    """
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        ca: ClusterCA,
+        expected_node_id: Callable[[str, int], str | None],
+    ) -> None:
+        """
+        @param identity: this node's identity.
+        @param ca: the cluster CA.
+        @param expected_node_id: maps a peer's host and port to the node id
+            that must be there (from the member records), or C{None} to
+            accept any cluster node (a bootstrap address, whose node is not
+            known yet).
+        """
+        self._identity = identity
+        self._ca = ca
+        self._expected = expected_node_id
+        # OpenSSL contexts are reusable: keep one per expected node rather
+        # than loading keys and the trust store for every connection.
+        self._creators: dict[str | None, IOpenSSLClientConnectionCreator] = {}
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        """
+        The connection creator for a connection to C{hostname:port}.
+        """
+        expected = self._expected(hostname.decode("ascii"), port)
+        creator = self._creators.get(expected)
+        if creator is None:
+            creator = self._creators[expected] = client_context(
+                self._identity, self._ca, expected
+            )
+        return creator
 
 
 def peer_node_id(transport: Any) -> str:
