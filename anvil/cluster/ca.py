@@ -98,7 +98,9 @@ def node_id_of(certificate: x509.Certificate) -> str | None:
     """
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):
+        # ValueError: malformed or duplicated extensions, from a peer that
+        # may be hostile; such a certificate names no node.
         return None
     ids = [
         uri[len(NODE_URN_PREFIX):]

@@ -216,7 +216,12 @@ def _verifier(expected_node_id: str | None) -> Any:
         if not ok:
             return False
         if depth == 0:
-            node_id = node_id_of(cert.to_cryptography())
+            try:
+                node_id = node_id_of(cert.to_cryptography())
+            except Exception:
+                # An exception here would escape from the handshake instead
+                # of failing it; an unreadable certificate is simply refused.
+                return False
             if node_id is None:
                 return False
             if expected_node_id is not None and node_id != expected_node_id:
