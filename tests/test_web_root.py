@@ -35,34 +35,10 @@ from anvil.metrics import Metrics
 from anvil.web.readiness import Readiness
 from anvil.web.root import RootResource
 from anvil.web.server import AnvilSite
+from tests.fakehttp import Response, parse_response
 from tests.test_metrics import requests_total, sample_value
 
 _REQUEST_ID = re.compile(r"^[0-9A-F]{16}$")
-
-
-class _Response:
-    """
-    One parsed HTTP/1.1 response.
-
-    @ivar code: The status code.
-    @ivar headers: The response headers.
-    @ivar body: The body (by Content-Length when given).
-    """
-
-    def __init__(self, code: int, headers: Headers, body: bytes) -> None:
-        self.code = code
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: bytes) -> bytes | None:
-        """
-        The single value of header C{name}, or C{None}.
-        """
-        values = self.headers.getRawHeaders(name)
-        if values is None:
-            return None
-        assert len(values) == 1, values
-        return values[0]
 
 
 class _Connection:
@@ -85,31 +61,18 @@ class _Connection:
             lines.append(name + b": " + value)
         self.protocol.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n")
 
-    def response(self, head: bool = False) -> _Response | None:
+    def response(self, head: bool = False) -> Response | None:
         """
         Parse and consume the response written so far.
 
         @param head: The request was HEAD, so no body follows the headers.
         @return: The response, or C{None} if none was written yet.
         """
-        data = self.transport.value()
-        if b"\r\n\r\n" not in data:
+        parsed = parse_response(self.transport.value(), head)
+        if parsed is None:
             return None
-        head_bytes, rest = data.split(b"\r\n\r\n", 1)
-        status_line, *header_lines = head_bytes.split(b"\r\n")
-        headers = Headers()
-        for line in header_lines:
-            name, value = line.split(b":", 1)
-            headers.addRawHeader(name.strip().lower(), value.strip())
-        length = headers.getRawHeaders(b"content-length")
-        if head:
-            body = b""
-        elif length is not None:
-            body = rest[: int(length[0])]
-        else:
-            body = rest
         self.transport.clear()
-        return _Response(int(status_line.split(b" ")[1]), headers, body)
+        return parsed[0]
 
     def lose(self) -> None:
         """
@@ -192,7 +155,7 @@ class _Node:
 
     def get(
         self, target: bytes, method: bytes = b"GET", headers: dict[bytes, bytes] | None = None
-    ) -> _Response:
+    ) -> Response:
         """
         Make one request that is answered at once.
         """
