@@ -213,15 +213,7 @@ class NodeService(MultiService):
         stop after it has drained.
         """
         config = self._config
-        collector = GarbageCollector(
-            s3.objects,
-            s3.buckets,
-            s3.engine,
-            self._reactor,
-            grace_seconds=config.worker.gc_grace,
-            stale_upload_seconds=config.worker.stale_upload_age,
-            region=config.node.region,
-        )
+        collector = GarbageCollector.for_node(config, s3, self._reactor)
         PeriodicWorker(collector, config.worker.gc_interval, self._reactor).setServiceParent(self)
 
     async def _listen(self, root: RootResource) -> Any:

@@ -313,6 +313,56 @@ async def _task_cancel(store: GlobalStore, args: argparse.Namespace, out: _Outpu
     _show_task(task, out, f"Task {task.id} ({task.kind}) is cancelled.")
 
 
+async def _run_gc(s3: Any, config: Any, reactor: Any) -> dict[str, int]:
+    from dataclasses import asdict
+
+    from anvil.worker.gc import GarbageCollector
+
+    return asdict(await GarbageCollector.for_node(config, s3, reactor).run_once())
+
+
+#: The workers C{worker run-once} can run; each builds its work exactly as
+#: the node's loop does.
+_WORKERS = {"gc": _run_gc}
+
+
+async def _worker_run_once(store: GlobalStore, args: argparse.Namespace, out: _Output) -> None:
+    """
+    Run one pass of a worker with this node's configuration, storage and
+    databases (the node may be running: passes are safe to overlap).
+    """
+    from anvil.cluster.membership import load_or_create_node_id
+    from anvil.metrics import Metrics
+    from anvil.s3.service import build_s3
+    from anvil.storage.cpu import CpuPool
+
+    config, metadata, reactor = args.config_obj, args.metadata, args.reactor
+    cpu = CpuPool(reactor, name="anvil-admin-cpu")
+    io = CpuPool(reactor, max_threads=4, name="anvil-admin-io")
+    cpu.startService()
+    io.startService()
+    try:
+        s3 = build_s3(
+            config,
+            reactor,
+            global_store=metadata.global_store,
+            global_db=metadata.global_db,
+            regional_db=metadata.regional_db,
+            metrics=Metrics(),
+            cpu=cpu,
+            io=io,
+            node_id=load_or_create_node_id(config.node.data_dir),
+        )
+        summary = await _WORKERS[args.worker](s3, config, reactor)
+    finally:
+        await cpu.stopService()
+        await io.stopService()
+    if out.as_json:
+        out.json({"worker": args.worker, **summary})
+    else:
+        out.line(f"{args.worker}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items()))
+
+
 # -- the parser -------------------------------------------------------------
 
 
@@ -438,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
         "id", **task_ids
     )
     leaf(tasks, "cancel", "cancel a task that has not finished", _task_cancel).add_argument("id", **task_ids)
+
+    workers = group("worker", "run a node's background workers by hand")
+    sub = leaf(workers, "run-once", "run one pass of a worker for this node and print what it did", _worker_run_once)
+    sub.add_argument("worker", choices=sorted(_WORKERS), help="the worker")
     return parser
 
 
@@ -504,6 +558,7 @@ async def run(
         else:
             # The task commands work on the queue, not the store.
             args.global_db, args.reactor = metadata.global_db, reactor
+            args.config_obj, args.metadata = config, metadata
             await args.handler(metadata.global_store, args, out)
     except (AnvilError, ConfigError) as e:
         stderr.write(_error_line(str(e)))

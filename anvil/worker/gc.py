@@ -200,6 +200,28 @@ class GarbageCollector:
         """
         return datetime.fromtimestamp(self._clock.seconds() - seconds, UTC)
 
+    @classmethod
+    def for_node(cls, config: Any, s3: Any, clock: IReactorTime) -> "GarbageCollector":
+        """
+        The collector of a node, configured from its C{[worker]} section;
+        the node's loop and C{anvil-admin worker run-once gc} both build it
+        here, so they do the same work.
+
+        @param config: the node's L{anvil.config.NodeConfig}.
+        @param s3: the node's L{anvil.s3.service.S3Service} (its stores and
+            storage engine).
+        @param clock: the time source.
+        """
+        return cls(
+            s3.objects,
+            s3.buckets,
+            s3.engine,
+            clock,
+            grace_seconds=config.worker.gc_grace,
+            stale_upload_seconds=config.worker.stale_upload_age,
+            region=config.node.region,
+        )
+
     async def run_once(self) -> GcReport:
         """
         Run one pass.  Each step's failure is logged and counted in

@@ -456,3 +456,43 @@ class GarbageCollectionTests(SynchronousTestCase):
             time.sleep(0.2)
         self.assertEqual(shard_files(), [])
         self.assertEqual(node.terminate(30), 0)
+
+    def test_admin_worker_run_once_gc(self) -> None:
+        """
+        C{anvil-admin worker run-once gc}, run beside a node whose own loop is
+        idle, collects a deleted object's shard files in one pass, exits 0 and
+        prints its report as JSON.
+        """
+        import boto3
+        from botocore.config import Config
+
+        data_dir = short_tmpdir(self)
+        node = NodeProcess(self, data_dir, env={"ANVIL_GC_INTERVAL": "3600"}).start()
+        node.wait_ready(60)
+        credentials = node.credentials()
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=node.url,
+            aws_access_key_id=credentials["access_key_id"],
+            aws_secret_access_key=credentials["secret_access_key"],
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
+        )
+        s3.create_bucket(Bucket="gc-once")
+        s3.put_object(Bucket="gc-once", Key="a", Body=os.urandom(2 * 1024 * 1024))
+        s3.delete_object(Bucket="gc-once", Key="a")
+        shards = os.path.join(data_dir, "shards")
+        self.assertEqual(sum(len(f) for _, _, f in os.walk(shards)), 6)
+
+        result = subprocess.run(
+            [sys.executable, "-m", "anvil.scripts.admin", "--data-dir", data_dir,
+             "worker", "run-once", "gc", "--json"],
+            env=child_env({"ANVIL_GC_GRACE": "0"}), capture_output=True, text=True, timeout=120,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        report = json.loads(result.stdout)
+        self.assertEqual(report["worker"], "gc")
+        self.assertEqual(report["contents_removed"], 1)
+        self.assertEqual(report["shard_files_deleted"], 6)
+        self.assertEqual(sum(len(f) for _, _, f in os.walk(shards)), 0)
+        self.assertEqual(node.terminate(30), 0)
