@@ -19,6 +19,7 @@ breaking change.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,6 +31,10 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    # Only for the annotation: the collector imports much of the node.
+    from anvil.worker.gc import GcReport
 
 API_S3 = "s3"
 """The C{api} label value of requests to the S3 API."""
@@ -105,6 +110,22 @@ class Metrics:
         C{region}, C{node_id}; one series with value 1 once
         L{set_node_info} was called.
     @ivar shards_corrupt: Counter C{anvil_shards_corrupt_total}.
+    @ivar storage_capacity: Gauge C{anvil_storage_capacity_bytes} with label
+        C{path}: size of the filesystem holding each data directory.
+    @ivar storage_used: Gauge C{anvil_storage_used_bytes} with label
+        C{path}: bytes in use on that filesystem (by anything, not only
+        shards: what C{statvfs} reports, which is what fills the disk).
+    @ivar tenant_stored: Gauge C{anvil_tenant_stored_bytes} with label
+        C{tenant}.
+    @ivar bucket_stored: Gauge C{anvil_bucket_stored_bytes} with labels
+        C{tenant}, C{bucket}.
+    @ivar bucket_objects: Gauge C{anvil_bucket_objects} with labels
+        C{tenant}, C{bucket}.
+    @ivar cluster_members: Gauge C{anvil_cluster_members} with label
+        C{state}.
+    @ivar gc_passes: Counter C{anvil_gc_passes_total}.
+    @ivar gc_removed_contents: Counter C{anvil_gc_removed_contents_total}.
+    @ivar gc_freed_bytes: Counter C{anvil_gc_freed_bytes_total}.
     """
 
     def __init__(self) -> None:
@@ -152,6 +173,78 @@ class Metrics:
             registry=self.registry,
         )
         self.declare_operations(API_NODE, NODE_OPERATIONS)
+        self._usage_metrics()
+
+    def _usage_metrics(self) -> None:
+        """
+        Define the storage, usage, membership and collector families.
+
+        The gauges are set by L{anvil.worker.stats.UsageStats} every few
+        seconds, never computed per scrape: a scrape must not cost a
+        database aggregate or a disk syscall.
+        """
+        self.storage_capacity = Gauge(
+            "anvil_storage_capacity_bytes",
+            "Size of the filesystem holding each shard data directory (statvfs).",
+            ["path"],
+            registry=self.registry,
+        )
+        self.storage_used = Gauge(
+            "anvil_storage_used_bytes",
+            "Bytes in use on the filesystem holding each shard data directory "
+            "(statvfs; by anything, not only shards).",
+            ["path"],
+            registry=self.registry,
+        )
+        self.tenant_stored = Gauge(
+            "anvil_tenant_stored_bytes",
+            "Logical bytes of a tenant's live objects in this node's region.",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.bucket_stored = Gauge(
+            "anvil_bucket_stored_bytes",
+            "Logical bytes of a bucket's live objects.",
+            ["tenant", "bucket"],
+            registry=self.registry,
+        )
+        self.bucket_objects = Gauge(
+            "anvil_bucket_objects",
+            "Live objects in a bucket.",
+            ["tenant", "bucket"],
+            registry=self.registry,
+        )
+        self.cluster_members = Gauge(
+            "anvil_cluster_members",
+            "Cluster members this node knows of, by SWIM state.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.gc_passes = Counter(
+            "anvil_gc_passes",
+            "Garbage collection passes finished.",
+            registry=self.registry,
+        )
+        self.gc_removed_contents = Counter(
+            "anvil_gc_removed_contents",
+            "Unreferenced contents (with their shard files) the collector removed.",
+            registry=self.registry,
+        )
+        self.gc_freed_bytes = Counter(
+            "anvil_gc_freed_bytes",
+            "Logical bytes of the contents the collector removed.",
+            registry=self.registry,
+        )
+
+    def record_gc(self, report: GcReport) -> None:
+        """
+        Count one finished garbage collection pass.
+
+        @param report: What the pass removed.
+        """
+        self.gc_passes.inc()
+        self.gc_removed_contents.inc(report.contents_removed)
+        self.gc_freed_bytes.inc(report.bytes_freed)
 
     def declare_operations(self, api: str, operations: Iterable[str]) -> None:
         """

@@ -1556,6 +1556,23 @@ class ObjectStore:
         )
         return bool(rows[0][0])
 
+    # -- Statistics ----------------------------------------------------
+    #
+    # Read-only aggregates for the usage gauges (anvil.worker.stats).
+
+    async def usage_by_bucket(self) -> dict[int, tuple[int, int]]:
+        """
+        The live objects of every bucket that has any, in one aggregate
+        query (soft-deleted rows, replaced or deleted, do not count).
+
+        @return: C{{bucket_id: (object count, total logical bytes)}}.
+        """
+        rows = await self._db.run_query(
+            "SELECT bucket_id, count(*), COALESCE(sum(size), 0) FROM objects "
+            "WHERE deleted_at IS NULL GROUP BY bucket_id"
+        )
+        return {int(bucket_id): (int(objects), int(size)) for bucket_id, objects, size in rows}
+
 
 def _check_object(record: ObjectRecord, contents: Sequence[ContentRecord]) -> Counter[str]:
     """
