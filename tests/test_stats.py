@@ -24,7 +24,8 @@ from anvil.metrics import Metrics
 from anvil.storage.cpu import CpuPool
 from anvil.storage.shardstore import LocalShardStore
 from anvil.worker.gc import GcReport
-from anvil.worker.stats import UsageStats
+from anvil.errors import DatabaseUnavailable
+from anvil.worker.stats import RecordedGc, UsageStats
 from tests.pg import fresh_database
 from tests.test_metrics import sample_value, scrape
 from tests.test_objects import put, regional_database
@@ -78,6 +79,61 @@ class RecordGcTests(SynchronousTestCase):
         )
 
 
+class ScriptedCollector:
+    """
+    A collector task answering each pass with the next of some reports
+    (or raising an exception given in their place).
+    """
+
+    name = "gc"
+
+    def __init__(self, *reports: GcReport | Exception) -> None:
+        """
+        @param reports: the results of the passes, in order.
+        """
+        self._reports = list(reports)
+
+    async def run_once(self) -> GcReport:
+        """
+        The next scripted result.
+        """
+        result = self._reports.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+class RecordedGcTests(TestCase):
+    """
+    L{RecordedGc} records every finished pass of the collector it wraps.
+    """
+
+    async def test_passes_recorded(self) -> None:
+        """
+        Finished passes are counted and returned; a failed one is not
+        counted and its exception propagates (for the worker to count).
+        """
+        metrics = Metrics()
+        first = GcReport(contents_removed=2, bytes_freed=100)
+        task = RecordedGc(
+            ScriptedCollector(first, RuntimeError("database gone"), GcReport(bytes_freed=5)),
+            metrics,
+        )
+        self.assertEqual(task.name, "gc")
+        self.assertIs(await task.run_once(), first)
+        with self.assertRaises(RuntimeError):
+            await task.run_once()
+        await task.run_once()
+        self.assertEqual(sample_value(metrics, "anvil_gc_passes", "anvil_gc_passes_total"), 2.0)
+        self.assertEqual(
+            sample_value(metrics, "anvil_gc_removed_contents", "anvil_gc_removed_contents_total"),
+            2.0,
+        )
+        self.assertEqual(
+            sample_value(metrics, "anvil_gc_freed_bytes", "anvil_gc_freed_bytes_total"), 105.0
+        )
+
+
 class UsageStatsTests(TestCase):
     """
     A pass of L{UsageStats} over a real global and regional database, real
@@ -94,6 +150,7 @@ class UsageStatsTests(TestCase):
         self.beta = (await admin.create_tenant("beta"))["id"]
         self.buckets = BucketStore(global_db)
         _, regional_db = await regional_database(self)
+        self.regional_db = regional_db
         self.objects = ObjectStore(regional_db)
 
         self.dirs = [os.path.abspath(self.mktemp()) for _ in range(2)]
@@ -280,12 +337,34 @@ class UsageStatsTests(TestCase):
             labelled(self.metrics, "anvil_tenant_stored_bytes"), {(("tenant", "acme"),): 5.0}
         )
 
-    async def test_other_regions_buckets_absent(self) -> None:
+    async def test_bucket_without_objects_absent(self) -> None:
         """
-        A live bucket without objects in this region's database exports
+        A live bucket that never had objects in this region exports
         nothing: the aggregate names the buckets to report.
         """
         await self.buckets.create_bucket("empty", self.acme, "us-east-1")
         await self.stats.run_once()
         self.assertEqual(labelled(self.metrics, "anvil_bucket_objects"), {})
         self.assertEqual(labelled(self.metrics, "anvil_tenant_stored_bytes"), {})
+
+    async def test_database_outage(self) -> None:
+        """
+        When the regional database is unreachable the pass fails, but
+        membership and storage are refreshed and the bucket gauges keep
+        the last values found.
+        """
+        photos = await self.buckets.create_bucket("photos", self.acme, "us-east-1")
+        await put(self.objects, photos.id, "a", b"12345")
+        await self.stats.run_once()
+        self.regional_db.close()
+        self.membership.update([member("n2", MemberState.SUSPECT)])
+        with self.assertRaises(DatabaseUnavailable):
+            await self.stats.run_once()
+        self.assertEqual(
+            sample_value(
+                self.metrics, "anvil_cluster_members", "anvil_cluster_members", state="suspect"
+            ),
+            1.0,
+        )
+        self.assertEqual(self.bucket_value("anvil_bucket_stored_bytes", "acme", "photos"), 5.0)
+        self.assertEqual(self.tenant_bytes("acme"), 5.0)

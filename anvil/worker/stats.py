@@ -24,6 +24,9 @@ Sources:
     are still live (they drop to 0); a deleted bucket's series vanish at
     the next pass.
   - C{anvil_cluster_members}: L{Membership.by_state}, every state present.
+
+L{RecordedGc} wraps the garbage collector's task so that each pass the
+daemon runs is counted by L{Metrics.record_gc}.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from anvil.meta.buckets import BucketStore
 from anvil.meta.objects import ObjectStore
 from anvil.metrics import Metrics
 from anvil.storage.shardstore import DirCapacity, LocalShardStore
+from anvil.worker.gc import GcReport
 
 _T = TypeVar("_T")
 
@@ -169,3 +173,50 @@ class UsageStats:
         for tenant, size in tenants.items():
             metrics.tenant_stored.labels(tenant).set(size)
         self._known = set(live)
+
+
+class IGcTask(Protocol):
+    """
+    A worker task whose pass reports what it collected, as
+    L{anvil.worker.gc.GarbageCollector} does.
+    """
+
+    name: str
+
+    async def run_once(self) -> GcReport:
+        """
+        Run one collection pass.
+
+        @return: what it removed.
+        """
+
+
+class RecordedGc:
+    """
+    A garbage collection task whose every finished pass is recorded in the
+    metrics; run it under L{anvil.worker.loop.PeriodicWorker} in place of
+    the bare collector.  A pass that raises is not recorded (the worker
+    logs and counts it).
+
+    @ivar name: the wrapped task's name (C{"gc"}), so the service keeps
+        its name.
+    """
+
+    def __init__(self, collector: IGcTask, metrics: Metrics) -> None:
+        """
+        @param collector: the collector.
+        @param metrics: the node's metrics.
+        """
+        self.name = collector.name
+        self._collector = collector
+        self._metrics = metrics
+
+    async def run_once(self) -> GcReport:
+        """
+        Run one pass of the collector and record its report.
+
+        @return: the report.
+        """
+        report = await self._collector.run_once()
+        self._metrics.record_gc(report)
+        return report
