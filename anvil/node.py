@@ -8,7 +8,8 @@ children in reverse, stop in the opposite order:
   1. metadata: the embedded PostgreSQL (when no URLs are configured), the
      global and regional connection pools, migrations;
   2. workers: the CPU pool (hashing, erasure coding) and the disk I/O
-     pool of the storage engine, and the garbage collector's loop;
+     pool of the storage engine, the garbage collector's loop and the
+     loop refreshing the storage and usage gauges;
   3. the API listener, last to start and first to stop, so on SIGTERM the
      node stops accepting requests before anything they need goes away.
 
@@ -43,6 +44,7 @@ from anvil.storage.shardstore import LocalShardStore
 from anvil.web.listener import DrainingListener, track_channels
 from anvil.worker.gc import GarbageCollector
 from anvil.worker.loop import PeriodicWorker
+from anvil.worker.stats import RecordedGc, UsageStats
 from anvil.web.readiness import Readiness
 from anvil.web.root import RootResource
 from anvil.web.server import AnvilSite
@@ -213,8 +215,12 @@ class NodeService(MultiService):
         stop after it has drained.
         """
         config = self._config
-        collector = GarbageCollector.for_node(config, s3, self._reactor)
+        collector = RecordedGc(GarbageCollector.for_node(config, s3, self._reactor), self.metrics)
         PeriodicWorker(collector, config.worker.gc_interval, self._reactor).setServiceParent(self)
+        # Storage, usage and membership gauges are refreshed here, never
+        # computed per scrape.
+        stats = UsageStats(self.metrics, s3.objects, s3.buckets, s3.engine.shards, self.membership, self._io)
+        PeriodicWorker(stats, 30.0, self._reactor, now=True).setServiceParent(self)
 
     async def _listen(self, root: RootResource) -> Any:
         """
@@ -246,7 +252,7 @@ class NodeService(MultiService):
         cpu = CpuPool(self._reactor, name="anvil-cpu")
         # Disk I/O threads mostly wait on the device (fsync above all), so
         # there are more of them than cores.
-        io = CpuPool(self._reactor, max_threads=16, name="anvil-io")
+        io = self._io = CpuPool(self._reactor, max_threads=16, name="anvil-io")
         cpu.setServiceParent(self)
         io.setServiceParent(self)
         shards = LocalShardStore(config.storage_dirs)

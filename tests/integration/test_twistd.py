@@ -67,6 +67,16 @@ class EmbeddedNodeTests(SynchronousTestCase):
             and s.labels.get("status") == "2xx"
         ]
         self.assertEqual(health, [1.0])
+        # Gauges refreshed by the node's loops, not per scrape.
+        self.assertEqual(
+            [s.value for s in families["anvil_cluster_members"].samples
+             if s.labels["state"] == "alive"],
+            [1.0],
+        )
+        capacity = families["anvil_storage_capacity_bytes"].samples
+        self.assertEqual([s.labels["path"] for s in capacity], [data_dir])
+        self.assertGreater(capacity[0].value, 0)
+        self.assertIn("anvil_gc_passes", families)
 
         path = os.path.join(data_dir, "credentials.json")
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
