@@ -29,12 +29,12 @@ from anvil.web.body import MiB
 from anvil.web.server import AnvilRequest, AnvilSite
 from anvil.web.stream import ClientDisconnected, stream_response
 from tests.test_metrics import requests_total
+from tests.fakehttp import parse_response
 from tests.test_web_body import (
     Client,
     KiB,
     Recorder,
     RssSampler,
-    _parse_one,
     make_site,
     respond,
     serve,
@@ -255,7 +255,7 @@ class BackpressureTests(SynchronousTestCase):
         received += transport.drain()
         self.assertGreaterEqual(rounds, 19)
         self.assertEqual(outcomes, [(src, None)])
-        parsed = _parse_one(received, head=False)
+        parsed = parse_response(received, head=False)
         assert parsed is not None
         response, rest = parsed
         self.assertEqual(response.body, b"".join(chunks))
