@@ -25,7 +25,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
@@ -120,7 +120,15 @@ class NodeService(MultiService):
         async def stop() -> None:
             if not starting.called:
                 await starting
-            await MultiService.stopService(self)
+            # MultiService would start stopping every child at once; each
+            # must finish first: the listener drains its requests while the
+            # databases and pools they use are still there.
+            Service.stopService(self)
+            for child in reversed(list(self)):
+                try:
+                    await maybeDeferred(child.stopService)
+                except Exception:
+                    self._log.failure("Stopping {service} failed", service=child.name)
 
         return Deferred.fromCoroutine(stop())
 
