@@ -784,6 +784,25 @@ class ContinueTests(SynchronousTestCase):
         [response] = client.responses()
         self.assertEqual(response.body.split()[0], b"5")
 
+    def test_continue_for_empty_body(self) -> None:
+        """
+        A zero-length request that asks for C{100 Continue} gets it before
+        its final response, as S3 answers (botocore, uploading an empty file,
+        mishandles the next request on the connection otherwise), and the
+        connection is reused.
+        """
+        site, _, _ = make_site(digest_handler)
+        client = Client(site)
+        client.send(client.request(b"PUT", headers={b"Expect": b"100-continue"}, length=0))
+        [response] = client.responses()
+        self.assertEqual(client.interim, 1)
+        self.assertEqual(response.body.split()[0], b"0")
+        # The interim came first: nothing is left over after the final one.
+        self.assertEqual(client._unparsed, b"")
+        client.send(client.request(b"PUT", body=b"again"))
+        [response] = client.responses()
+        self.assertEqual(response.body.split()[0], b"5")
+
     def test_no_idle_timeout_while_client_waits(self) -> None:
         """
         A client waiting for C{100 Continue} is not timed out as idle while

@@ -505,15 +505,22 @@ class AnvilChannel(HTTPChannel):
         request = self.requests[-1]
         request.parseCookies()
         self.persistent = self.checkPersistence(request, self._version)
+        expect = request.requestHeaders.getRawHeaders(b"Expect")
+        wants_continue = bool(
+            expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1"
+        )
         if self.length == 0:
+            if wants_continue:
+                # Nothing to wait for, but botocore (the AWS CLI's empty
+                # files) mishandles the next request on a connection whose
+                # Expect was answered by a final status directly; S3 sends
+                # the interim response, so do we.
+                self._send_continue()
             # No body: HTTPChannel calls allContentReceived right after this
             # returns, which dispatches the request exactly as Twisted does.
             request.gotLength(0)
             return
-        expect = request.requestHeaders.getRawHeaders(b"Expect")
-        send_continue = None
-        if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
-            send_continue = self._send_continue
+        send_continue = self._send_continue if wants_continue else None
         request.gotLength(self.length, send_continue)
         request.dispatch_early(self._command, self._path, self._version)
 
