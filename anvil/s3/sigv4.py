@@ -828,16 +828,7 @@ class ChunkSigner:
         @param provided: the C{chunk-signature} the client sent.
         @raise SignatureDoesNotMatch: if it does not verify.
         """
-        string_to_sign = self.chunk_string_to_sign(chunk_sha256)
-        expected = _hmac(self._key, string_to_sign).hex()
-        if not hmac.compare_digest(expected, provided.lower()):
-            raise SignatureDoesNotMatch(
-                "The chunk signature we calculated does not match the signature "
-                "you provided. Check your key and signing method.",
-                StringToSign=string_to_sign,
-                SignatureProvided=provided,
-            )
-        self.previous = expected
+        self.previous = self._check(self.chunk_string_to_sign(chunk_sha256), provided, "chunk")
 
     def trailer_string_to_sign(self, canonical_trailer: bytes) -> str:
         """
@@ -865,15 +856,25 @@ class ChunkSigner:
         @param provided: the signature the client sent.
         @raise SignatureDoesNotMatch: if it does not verify.
         """
-        string_to_sign = self.trailer_string_to_sign(canonical_trailer)
+        self._check(self.trailer_string_to_sign(canonical_trailer), provided, "trailer")
+
+    def _check(self, string_to_sign: str, provided: str, what: str) -> str:
+        """
+        Compare a provided signature with ours for C{string_to_sign}.
+
+        @param what: C{"chunk"} or C{"trailer"}, for the error message.
+        @return: our signature (it chains to the next chunk).
+        @raise SignatureDoesNotMatch: if they differ.
+        """
         expected = _hmac(self._key, string_to_sign).hex()
         if not hmac.compare_digest(expected, provided.lower()):
             raise SignatureDoesNotMatch(
-                "The trailer signature we calculated does not match the "
-                "signature you provided. Check your key and signing method.",
+                f"The {what} signature we calculated does not match the signature "
+                "you provided. Check your key and signing method.",
                 StringToSign=string_to_sign,
                 SignatureProvided=provided,
             )
+        return expected
 
 
 class PayloadSha256:
