@@ -48,7 +48,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from anvil.config import ErasureSection, NodeConfig, NodeSection, StorageSection
 from anvil.errors import NotFound
@@ -57,6 +57,7 @@ from anvil.meta.migrate import apply_migrations
 from anvil.meta.secrets import SecretBox
 from anvil.meta.store import GlobalStore
 from anvil.metrics import Metrics
+from anvil.s3.service import build_s3
 from anvil.s3.sigv4 import build_canonical_request, parse_query, signing_key
 from anvil.storage.cpu import CpuPool
 from anvil.storage.shardstore import LocalShardStore
@@ -174,13 +175,8 @@ class S3Stack:
             from it).
         @param secret_cache_seconds: the authenticator's cache lifetime.
         @return: the started stack.
-        @raise SkipTest: while a module the S3 stack needs does not exist yet.
         """
         self = cls(testcase)
-        try:
-            from anvil.s3.service import build_s3
-        except ModuleNotFoundError as e:
-            raise SkipTest(f"the S3 stack is not complete yet: {e}") from None
 
         base = os.path.abspath(testcase.mktemp())
         os.makedirs(base)
@@ -224,20 +220,17 @@ class S3Stack:
             testcase.addCleanup(pool.stopService)
 
         self.metrics = Metrics()
-        try:
-            self.service = build_s3(
-                self.config,
-                reactor,
-                global_store=self.global_store,
-                global_db=self.global_db,
-                regional_db=self.regional_db,
-                metrics=self.metrics,
-                cpu=self.cpu,
-                io=self.io,
-                shards=self.shards,
-            )
-        except ModuleNotFoundError as e:
-            raise SkipTest(f"the S3 stack is not complete yet: {e}") from None
+        self.service = build_s3(
+            self.config,
+            reactor,
+            global_store=self.global_store,
+            global_db=self.global_db,
+            regional_db=self.regional_db,
+            metrics=self.metrics,
+            cpu=self.cpu,
+            io=self.io,
+            shards=self.shards,
+        )
         if secret_cache_seconds != self.service.authenticator.cache_seconds:
             self.service.authenticator.cache_seconds = secret_cache_seconds
 
