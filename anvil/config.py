@@ -186,6 +186,104 @@ class ClusterSection:
         ),
     )
 
+    ca_cert_file: str = field(
+        default="",
+        metadata=_key(
+            "ANVIL_CLUSTER_CA_CERT",
+            "cluster-ca-cert",
+            "PEM file of an operator-supplied cluster CA certificate; empty "
+            "means the CA kept (encrypted) in the global database, created by "
+            "the node started with INIT_CLUSTER.",
+            "PATH",
+        ),
+    )
+    ca_key_file: str = field(
+        default="",
+        metadata=_key(
+            "ANVIL_CLUSTER_CA_KEY",
+            "cluster-ca-key",
+            "PEM file of the operator CA's private key, so the node can issue "
+            "and renew its own certificate; leave empty when node_cert_file "
+            "and node_key_file are given instead.",
+            "PATH",
+        ),
+    )
+    node_cert_file: str = field(
+        default="",
+        metadata=_key(
+            "ANVIL_CLUSTER_NODE_CERT",
+            "cluster-node-cert",
+            "PEM file of this node's certificate issued by the operator CA "
+            "(anvil-admin cluster ca issue); used with node_key_file.",
+            "PATH",
+        ),
+    )
+    node_key_file: str = field(
+        default="",
+        metadata=_key(
+            "ANVIL_CLUSTER_NODE_KEY",
+            "cluster-node-key",
+            "PEM file of this node's private key, matching node_cert_file.",
+            "PATH",
+        ),
+    )
+    protocol_period: float = field(
+        default=1.0,
+        metadata=_key(
+            "ANVIL_GOSSIP_PERIOD",
+            None,
+            "Seconds between SWIM probes of one random member.",
+            "SECONDS",
+        ),
+    )
+    ack_timeout: float = field(
+        default=0.5,
+        metadata=_key(
+            "ANVIL_GOSSIP_ACK_TIMEOUT",
+            None,
+            "Seconds to wait for a direct ack before asking other members to "
+            "probe indirectly; below protocol_period.",
+            "SECONDS",
+        ),
+    )
+    indirect_probes: int = field(
+        default=3,
+        metadata=_key(
+            "ANVIL_GOSSIP_INDIRECT_PROBES",
+            None,
+            "Members asked to probe a silent member indirectly.",
+            "COUNT",
+        ),
+    )
+    suspicion_timeout: float = field(
+        default=5.0,
+        metadata=_key(
+            "ANVIL_SUSPICION_TIMEOUT",
+            None,
+            "Seconds a suspect member has to refute before it is declared dead.",
+            "SECONDS",
+        ),
+    )
+    peer_timeout: float = field(
+        default=10.0,
+        metadata=_key(
+            "ANVIL_PEER_TIMEOUT",
+            None,
+            "Seconds a peer may stay silent during a shard transfer before the "
+            "transfer fails and another shard (or node) is used.",
+            "SECONDS",
+        ),
+    )
+    write_quorum: int = field(
+        default=0,
+        metadata=_key(
+            "ANVIL_WRITE_QUORUM",
+            None,
+            "Shards that must be committed for a write to succeed; 0 means k+1.",
+            "COUNT",
+        ),
+    )
+
 
 @dataclass(frozen=True)
 class DatabaseSection:
@@ -391,6 +489,75 @@ class WorkerSection:
             "Seconds after which an unfinished multipart upload is aborted "
             "and its parts collected.",
             "SECONDS",
+        ),
+    )
+    dead_member_repair_after: float = field(
+        default=1800.0,
+        metadata=_key(
+            "ANVIL_DEAD_MEMBER_REPAIR_AFTER",
+            None,
+            "Seconds a member may stay dead before it is treated as gone for "
+            "good and every shard it held is rebuilt elsewhere (long enough "
+            "for a reboot or an upgrade).",
+            "SECONDS",
+        ),
+    )
+    scrub_rate: float = field(
+        default=20.0,
+        metadata=_key(
+            "ANVIL_SCRUB_RATE",
+            None,
+            "MB per second the scrubber may read from this node's shard files.",
+            "MB/S",
+        ),
+    )
+    scrub_interval: float = field(
+        default=60.0,
+        metadata=_key(
+            "ANVIL_SCRUB_INTERVAL",
+            None,
+            "Seconds between scrub passes; a pass resumes where the last one "
+            "stopped and reads at most scrub_rate times this many MB.",
+            "SECONDS",
+        ),
+    )
+    sweep_interval: float = field(
+        default=300.0,
+        metadata=_key(
+            "ANVIL_SWEEP_INTERVAL",
+            None,
+            "Seconds between sweeps comparing shard maps with membership and "
+            "with the shard files peers report.",
+            "SECONDS",
+        ),
+    )
+    task_poll_interval: float = field(
+        default=10.0,
+        metadata=_key(
+            "ANVIL_TASK_POLL_INTERVAL",
+            None,
+            "Seconds between task-queue polls (NOTIFY wakes workers at once "
+            "in between).",
+            "SECONDS",
+        ),
+    )
+    task_max_attempts: int = field(
+        default=8,
+        metadata=_key(
+            "ANVIL_TASK_MAX_ATTEMPTS",
+            None,
+            "Attempts before a task is parked as failed.",
+            "COUNT",
+        ),
+    )
+    rebalance_rate: float = field(
+        default=50.0,
+        metadata=_key(
+            "ANVIL_REBALANCE_RATE",
+            None,
+            "MB per second rebalancing may move, so client traffic keeps "
+            "priority.",
+            "MB/S",
         ),
     )
 
@@ -797,6 +964,45 @@ def _check_worker(config: NodeConfig) -> None:
         )
 
 
+def _check_maintenance(config: NodeConfig) -> None:
+    worker = config.worker
+    for name in ("dead_member_repair_after", "scrub_rate", "scrub_interval",
+                 "sweep_interval", "task_poll_interval", "rebalance_rate"):
+        if getattr(worker, name) <= 0:
+            raise ConfigError(f"worker.{name} must be positive.")
+    if worker.task_max_attempts < 1:
+        raise ConfigError("worker.task_max_attempts must be at least 1.")
+
+
+def _check_cluster(config: NodeConfig) -> None:
+    cluster = config.cluster
+    if not 0 < cluster.ack_timeout < cluster.protocol_period:
+        raise ConfigError(
+            "cluster.ack_timeout must be positive and below cluster.protocol_period."
+        )
+    if cluster.suspicion_timeout <= 0 or cluster.peer_timeout <= 0:
+        raise ConfigError("cluster.suspicion_timeout and cluster.peer_timeout must be positive.")
+    if cluster.indirect_probes < 0:
+        raise ConfigError("cluster.indirect_probes must not be negative.")
+    total = config.erasure.k + config.erasure.m
+    if not (cluster.write_quorum == 0 or config.erasure.k <= cluster.write_quorum <= total):
+        raise ConfigError(
+            f"cluster.write_quorum {cluster.write_quorum} must be 0 (k+1) or "
+            f"between erasure.k ({config.erasure.k}) and k+m ({total})."
+        )
+    if bool(cluster.node_cert_file) != bool(cluster.node_key_file):
+        raise ConfigError("cluster.node_cert_file and cluster.node_key_file go together.")
+    if (cluster.ca_key_file or cluster.node_cert_file) and not cluster.ca_cert_file:
+        raise ConfigError(
+            "cluster.ca_cert_file is required with cluster.ca_key_file or cluster.node_cert_file."
+        )
+    if cluster.ca_cert_file and not (cluster.ca_key_file or cluster.node_cert_file):
+        raise ConfigError(
+            "cluster.ca_cert_file needs cluster.ca_key_file, or cluster.node_cert_file "
+            "and cluster.node_key_file."
+        )
+
+
 def _check_writable(config: NodeConfig) -> None:
     for dotted, path in [("node.data_dir", config.node.data_dir)] + [
         ("storage.dirs", d) for d in config.storage.dirs
@@ -846,6 +1052,8 @@ _CHECKS: list[Callable[[NodeConfig], None]] = [
     _check_key_file,
     _check_storage,
     _check_worker,
+    _check_maintenance,
+    _check_cluster,
     _check_writable,
 ]
 
