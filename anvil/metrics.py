@@ -236,6 +236,77 @@ class Metrics:
             registry=self.registry,
         )
 
+        self._maintenance_metrics()
+
+    def _maintenance_metrics(self) -> None:
+        """
+        Define the cluster-event, task-queue, repair and redundancy families
+        (ARCHITECTURE sections 6-8).
+        """
+        self.cluster_member_events = Counter(
+            "anvil_cluster_member_events",
+            "Membership changes this node observed, by event (join, leave, "
+            "failure, recovery, suspect): peer churn.",
+            ["event"],
+            registry=self.registry,
+        )
+        for event in ("join", "leave", "failure", "recovery", "suspect"):
+            self.cluster_member_events.labels(event=event)
+        self.tasks = Gauge(
+            "anvil_tasks",
+            "Tasks in the queue, by kind and state (refreshed periodically).",
+            ["kind", "state"],
+            registry=self.registry,
+        )
+        self.task_runs = Counter(
+            "anvil_task_runs",
+            "Task runs finished on this node, by kind and outcome (done, "
+            "retry, failed, lost).",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.shards_missing = Gauge(
+            "anvil_shards_missing",
+            "Shards recorded in shard maps that the last sweep found missing "
+            "(on dead or removed members, or files gone).",
+            registry=self.registry,
+        )
+        self.shard_repairs = Counter(
+            "anvil_shard_repairs",
+            "Shards rebuilt from healthy ones and placed anew.",
+            registry=self.registry,
+        )
+        self.shard_repaired_bytes = Counter(
+            "anvil_shard_repaired_bytes",
+            "Bytes of shards rebuilt by repair.",
+            registry=self.registry,
+        )
+        self.rebalance_moves = Counter(
+            "anvil_rebalance_moves",
+            "Shards moved towards the current placement.",
+            registry=self.registry,
+        )
+        self.rebalance_moved_bytes = Counter(
+            "anvil_rebalance_moved_bytes",
+            "Bytes of shards moved by rebalancing.",
+            registry=self.registry,
+        )
+        self.objects_by_redundancy = Gauge(
+            "anvil_objects_by_redundancy",
+            "Contents of this region by number of healthy shards (k+m is full "
+            "redundancy; below k is lost), from the last sweep.",
+            ["healthy_shards"],
+            registry=self.registry,
+        )
+        self.peer_requests = Counter(
+            "anvil_peer_requests",
+            "Requests this node made to peers' cluster listeners, by kind "
+            "(gossip, shard_put, shard_get, shard_commit, ...) and outcome "
+            "(ok, error, timeout).",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+
     def record_gc(self, report: GcReport) -> None:
         """
         Count one finished garbage collection pass.
