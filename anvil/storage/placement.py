@@ -15,21 +15,34 @@ C{"shards": []}. Readers trust the map rather than recomputing the
 placement (ARCHITECTURE.md section 5): membership and the directory list
 change over time, a recorded map does not.
 
-One node today: L{LocalPlacement} puts every shard on the local node and
-picks the directory with the shard store's rendezvous ranking
+A shard map entry whose C{node} is empty records a shard that was never
+written (its target failed during the upload and the write quorum was met
+without it): readers skip it and repair fills it in.
+
+L{LocalPlacement} puts every shard on the local node and picks the
+directory with the shard store's rendezvous ranking
 (L{anvil.storage.shardstore.LocalShardStore.dir_for}), so the directory
 recorded here is exactly where L{LocalShardStore.open_writer} creates the
-file for the same placement key. The cluster issue adds a placement over
-nodes with the same L{Placement} interface: rank the alive nodes of the
-region by rendezvous hashing of C{(placement key, node id)}, give shard
-I{i} to the I{i}-th ranked node (wrapping when there are fewer nodes than
-C{k + m}), and let each node pick its own disk; L{ShardMap} and
-L{ShardTarget} already carry the node id for that.
+file for the same placement key.
+
+L{ClusterPlacement} ranks the alive members of the node's region by
+rendezvous hashing of C{(placement key, node id)} (L{rank_nodes}) and gives
+shard I{i} to the I{i}-th ranked node, wrapping round when there are fewer
+members than C{k + m}; each node picks its own disk for the shards it
+receives (the directory of a peer's shard is recorded when the peer
+reports it at commit). Rendezvous hashing moves only about C{1/n} of the
+placements when a member joins or leaves.
+
+The placement key is a random key per upload, not the content hash: shards
+stream to their targets from the first stripe, long before the last byte
+fixes the hash. The key is recorded in the shard map (C{"key"}), so
+rebalancing recomputes a content's ideal placement from the same input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,8 +50,10 @@ from anvil.storage.shardstore import LocalShardStore
 
 __all__ = [
     "SHARD_MAP_VERSION",
+    "ClusterPlacement",
     "InvalidShardMap",
     "LocalPlacement",
+    "NoPlacement",
     "Placement",
     "ShardMap",
     "ShardTarget",
@@ -68,6 +83,13 @@ class ShardTarget:
     node: str
     dir: str
 
+    @property
+    def missing(self) -> bool:
+        """
+        @return: Whether the shard was never stored (no node recorded).
+        """
+        return not self.node
+
 
 @dataclass(frozen=True)
 class ShardMap:
@@ -79,6 +101,7 @@ class ShardMap:
     """
 
     targets: tuple[ShardTarget, ...]
+    key: str = ""
 
     def __post_init__(self) -> None:
         for position, target in enumerate(self.targets):
@@ -101,10 +124,19 @@ class ShardMap:
         """
         @return: The map as the JSON-compatible dict stored with the content.
         """
-        return {
+        document: dict[str, object] = {
             "version": SHARD_MAP_VERSION,
             "shards": [{"index": t.index, "node": t.node, "dir": t.dir} for t in self.targets],
         }
+        if self.key:
+            document["key"] = self.key
+        return document
+
+    def nodes(self) -> set[str]:
+        """
+        @return: The ids of the nodes holding at least one shard.
+        """
+        return {t.node for t in self.targets if t.node}
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> ShardMap:
@@ -140,7 +172,10 @@ class ShardMap:
                 raise InvalidShardMap(f"malformed shard map entry {dict(entry)!r}")
             targets.append(ShardTarget(index, node, directory))
         targets.sort(key=lambda t: t.index)
-        return cls(tuple(targets))
+        key = data.get("key", "")
+        if not isinstance(key, str):
+            raise InvalidShardMap("shard map key is not a string")
+        return cls(tuple(targets), key)
 
 
 class Placement(Protocol):
@@ -193,7 +228,92 @@ class LocalPlacement:
         """
         ranked = self.store.ranked_dirs(placement_key)
         return ShardMap(
-            tuple(ShardTarget(i, self.node_id, ranked[i % len(ranked)]) for i in range(total))
+            tuple(ShardTarget(i, self.node_id, ranked[i % len(ranked)]) for i in range(total)),
+            placement_key.hex(),
+        )
+
+    def is_local(self, target: ShardTarget) -> bool:
+        """
+        @param target: An entry of a shard map.
+        @return: Whether it names this node.
+        """
+        return target.node == self.node_id
+
+
+class NoPlacement(Exception):
+    """
+    No member can take shards (the region has no alive member).
+    """
+
+
+def rank_nodes(placement_key: bytes, node_ids: Iterable[str]) -> list[str]:
+    """
+    Rendezvous (highest-random-weight) ranking of nodes for a key.
+
+    @param placement_key: The upload's placement key.
+    @param node_ids: Candidate node ids.
+    @return: The ids, best first; the order of any two nodes depends only
+        on the key and those two ids, so adding or removing one node moves
+        only the placements it wins or held.
+    """
+
+    def weight(node_id: str) -> bytes:
+        return hashlib.sha256(placement_key + b"\0" + node_id.encode("utf-8")).digest()
+
+    return sorted(set(node_ids), key=weight, reverse=True)
+
+
+def assign(placement_key: bytes, node_ids: Sequence[str], total: int) -> list[str]:
+    """
+    The node of each shard index: the I{i}-th ranked node for shard I{i},
+    wrapping round when there are fewer nodes than shards.
+
+    @raise NoPlacement: No node to choose from.
+    """
+    ranked = rank_nodes(placement_key, node_ids)
+    if not ranked:
+        raise NoPlacement("no alive member to place shards on")
+    return [ranked[i % len(ranked)] for i in range(total)]
+
+
+class ClusterPlacement:
+    """
+    Shards spread over the alive members of this node's region.
+
+    @ivar node_id: This node's id.
+    @ivar store: This node's shard store (it picks local directories).
+    """
+
+    def __init__(
+        self, node_id: str, store: LocalShardStore, candidates: Callable[[], Iterable[str]]
+    ) -> None:
+        """
+        @param node_id: This node's id.
+        @param store: This node's shard store.
+        @param candidates: Returns the ids of the members that may take new
+            shards now (alive, in this node's region; this node included).
+        """
+        self.node_id = node_id
+        self.store = store
+        self._candidates = candidates
+
+    def choose(self, placement_key: bytes, total: int) -> ShardMap:
+        """
+        @param placement_key: The upload's key.
+        @param total: Number of shards, C{k + m}.
+        @return: The targets; directories are filled in for local shards
+            (where this store opens them) and left empty for peers'.
+        @raise NoPlacement: No member is alive (not even this one).
+        """
+        nodes = assign(placement_key, list(self._candidates()), total)
+        return ShardMap(
+            tuple(
+                ShardTarget(
+                    i, node, self.store.dir_for(placement_key, i) if node == self.node_id else ""
+                )
+                for i, node in enumerate(nodes)
+            ),
+            placement_key.hex(),
         )
 
     def is_local(self, target: ShardTarget) -> bool:
