@@ -131,17 +131,25 @@ def _same_public_key(a: Any, b: Any) -> bool:
 
 class ClusterCA:
     """
-    A CA key and its self-signed certificate.
+    A CA certificate and (usually) its key.
+
+    Without the key (L{from_certificate_pem}: an operator CA whose key stays
+    with the operator, nodes holding certificates issued by
+    C{anvil-admin cluster ca issue}) the CA can only verify peers, not
+    issue certificates.
 
     @ivar certificate: the CA certificate (what peers trust).
     """
 
-    def __init__(self, certificate: x509.Certificate, private_key: CAPrivateKey) -> None:
+    def __init__(self, certificate: x509.Certificate, private_key: CAPrivateKey | None) -> None:
         """
+        @param private_key: the CA's key, or C{None} for a verify-only CA.
         @raise InvalidArgument: when the key is not the certificate's, or the
             certificate is not a CA certificate.
         """
-        if not _same_public_key(certificate.public_key(), private_key.public_key()):
+        if private_key is not None and not _same_public_key(
+            certificate.public_key(), private_key.public_key()
+        ):
             raise InvalidArgument("The cluster CA key does not belong to the CA certificate.")
         try:
             constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -215,6 +223,40 @@ class ClusterCA:
         return cls(certificate, key)
 
     @classmethod
+    def from_certificate_pem(cls, cert_pem: bytes) -> ClusterCA:
+        """
+        A verify-only CA (no key) from its PEM certificate.
+
+        @raise InvalidArgument: when it is not a PEM CA certificate.
+        """
+        try:
+            certificate = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            raise InvalidArgument("The cluster CA certificate is not a PEM certificate.") from None
+        return cls(certificate, None)
+
+    @classmethod
+    def from_certificate_file(cls, cert_path: str) -> ClusterCA:
+        """
+        A verify-only CA from a PEM certificate file.
+
+        @raise InvalidArgument: as L{from_certificate_pem}, naming the file.
+        """
+        with open(cert_path, "rb") as f:
+            cert_pem = f.read()
+        try:
+            return cls.from_certificate_pem(cert_pem)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{e} (file {cert_path})") from None
+
+    @property
+    def can_issue(self) -> bool:
+        """
+        Whether this CA holds its key (and so can issue certificates).
+        """
+        return self._key is not None
+
+    @classmethod
     def from_files(cls, cert_path: str, key_path: str) -> ClusterCA:
         """
         Load an operator-supplied CA from PEM files.
@@ -239,8 +281,11 @@ class ClusterCA:
     def private_key_pem(self) -> bytes:
         """
         The CA private key as unencrypted PKCS#8 PEM: a secret.
+
+        @raise InvalidArgument: for a verify-only CA.
         """
-        return self._key.private_bytes(
+        key = self._require_key()
+        return key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
@@ -263,9 +308,11 @@ class ClusterCA:
         @param public_key: the node's public key.
         @param now: the current POSIX time.
         @param lifetime: seconds it is valid for.
-        @raise InvalidArgument: when C{node_id} is not a node id.
+        @raise InvalidArgument: when C{node_id} is not a node id, or this CA
+            has no key.
         """
         check_node_id(node_id)
+        key = self._require_key()
         not_after = min(_when(now + lifetime), self.certificate.not_valid_after_utc)
         ca_public = self.certificate.public_key()
         return (
@@ -307,8 +354,20 @@ class ClusterCA:
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_public),  # type: ignore[arg-type]
                 critical=False,
             )
-            .sign(self._key, _signature_hash(self._key))
+            .sign(key, _signature_hash(key))
         )
+
+    def _require_key(self) -> CAPrivateKey:
+        """
+        The CA key.
+
+        @raise InvalidArgument: for a verify-only CA.
+        """
+        if self._key is None:
+            raise InvalidArgument(
+                "The cluster CA's private key is not available here (only its certificate)."
+            )
+        return self._key
 
     def issued(self, certificate: x509.Certificate) -> bool:
         """

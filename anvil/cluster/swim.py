@@ -56,7 +56,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from anvil.cluster.membership import Member, Membership, MemberState
@@ -442,6 +442,26 @@ class Swim:
         self._broadcast(record)
         return record
 
+    def declare_left(self, node_id: str) -> Member:
+        """
+        Declare another member gone for good (an operator removed it): a
+        I{left} record one incarnation above the known one, gossiped like
+        any other.  (A member that is in fact running refutes it, as it
+        would any suspicion.)
+
+        @return: the new record.
+        @raise KeyError: when this node does not know C{node_id}.
+        @raise ValueError: for this node itself (it leaves with L{leave}).
+        """
+        if node_id == self.local.node_id:
+            raise ValueError("this node leaves with leave(), not declare_left()")
+        known = self.membership.get(node_id)
+        if known is None:
+            raise KeyError(node_id)
+        record = replace(known, state=MemberState.LEFT, incarnation=known.incarnation + 1)
+        self._apply(record)
+        return record
+
     def receive(self, message: Message) -> Deferred[Message | None]:
         """
         Handle a message from a peer (the transport has checked that
@@ -687,10 +707,14 @@ class Swim:
                 return len(self.membership.members())
             if attempts is not None and attempt >= attempts:
                 break
+            if self._stopped:
+                break
             self._log.warn("no seed answered; retrying in {delay}s", delay=backoff)
-            wait: Deferred[None] = Deferred()
-            self._clock.callLater(backoff, wait.callback, None)
-            await wait
+            # deferLater, not a bare Deferred fired by callLater: cancelling
+            # the join (on shutdown) then cancels the timer too.
+            await deferLater(self._clock, backoff)
+            if self._stopped:
+                break
             backoff = min(backoff * 2, self.config.join_backoff_max)
         raise JoinFailed(f"no seed answered: {', '.join(seeds)}")
 

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anvil.cluster.ca import NODE_CERT_LIFETIME, ClusterCA, check_node_id, node_id_of
-from anvil.errors import AnvilError
+from anvil.errors import AnvilError, InvalidArgument
 
 #: File names in the data dir.
 KEY_FILE = "node_key.pem"
@@ -132,6 +132,64 @@ class NodeIdentity:
             )
         assert certificate is not None
         return cls(node_id, key, certificate)
+
+    @classmethod
+    def from_files(cls, cert_path: str, key_path: str, ca: ClusterCA) -> NodeIdentity:
+        """
+        Load an identity from a certificate and key file (an operator-issued
+        certificate, or the files a node keeps in its data dir), without
+        issuing anything.
+
+        @param ca: the cluster CA, which must have signed the certificate.
+        @raise InvalidArgument: when a file is missing or unreadable, the
+            key is not the certificate's, the certificate names no node, or
+            the CA did not sign it.
+        """
+        try:
+            with open(key_path, "rb") as f:
+                key = serialization.load_pem_private_key(f.read(), password=None)
+        except FileNotFoundError:
+            raise InvalidArgument(f"There is no node key file {key_path}.") from None
+        except (ValueError, TypeError):
+            raise InvalidArgument(
+                f"{key_path} is not an unencrypted PEM private key."
+            ) from None
+        try:
+            with open(cert_path, "rb") as f:
+                certificate = x509.load_pem_x509_certificate(f.read())
+        except FileNotFoundError:
+            raise InvalidArgument(f"There is no node certificate file {cert_path}.") from None
+        except ValueError:
+            raise InvalidArgument(f"{cert_path} is not a PEM certificate.") from None
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        der = serialization.Encoding.DER
+        if certificate.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+            raise InvalidArgument(f"The key {key_path} does not belong to the certificate {cert_path}.")
+        node_id = node_id_of(certificate)
+        if node_id is None:
+            raise InvalidArgument(f"The certificate {cert_path} names no Anvil node.")
+        if not ca.issued(certificate):
+            raise InvalidArgument(f"The certificate {cert_path} is not signed by the cluster CA.")
+        return cls(node_id, key, certificate)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_data_dir(cls, data_dir: str, ca: ClusterCA) -> NodeIdentity:
+        """
+        Load the identity a node keeps in its data dir (see
+        L{load_or_create}), issuing nothing.
+
+        @raise InvalidArgument: as L{from_files}.
+        """
+        return cls.from_files(
+            os.path.join(data_dir, CERT_FILE), os.path.join(data_dir, KEY_FILE), ca
+        )
+
+    @property
+    def expires_at(self) -> float:
+        """
+        When the certificate expires, in POSIX seconds.
+        """
+        return self.certificate.not_valid_after_utc.timestamp()
 
 
 def _reissue_reason(
@@ -287,6 +345,35 @@ class _ClientCreator:
         return connection
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class RenewableServerContext:
+    """
+    The server TLS settings of a listener whose node certificate is renewed
+    while it runs: each new connection uses the identity last given to
+    L{set_identity}; established connections keep theirs.
+    """
+
+    def __init__(self, identity: NodeIdentity, ca: ClusterCA) -> None:
+        """
+        @param identity: the node's current identity.
+        @param ca: the cluster CA.
+        """
+        self._ca = ca
+        self._current = server_context(identity, ca)
+
+    def set_identity(self, identity: NodeIdentity) -> None:
+        """
+        Present C{identity} on connections accepted from now on.
+        """
+        self._current = server_context(identity, self._ca)
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """
+        A new server-side OpenSSL connection with the current identity.
+        """
+        return self._current.serverConnectionForTLS(tlsProtocol)
+
+
 def server_context(identity: NodeIdentity, ca: ClusterCA) -> IOpenSSLServerConnectionCreator:
     """
     The TLS settings of the cluster listener: present C{identity} and
@@ -354,6 +441,14 @@ class ClusterTLSPolicy:
                 self._identity, self._ca, expected
             )
         return creator
+
+    def set_identity(self, identity: NodeIdentity) -> None:
+        """
+        Present C{identity} (a renewed certificate) on connections made from
+        now on; pooled connections keep the one they were made with.
+        """
+        self._identity = identity
+        self._creators = {}
 
 
 def peer_node_id(transport: Any) -> str:
