@@ -105,6 +105,92 @@ class EnqueueTests(QueueTestMixin, TestCase):
             await q.list(state="sleeping")
 
 
+class EnqueueUniqueTests(QueueTestMixin, TestCase):
+    """
+    L{TaskQueue.enqueue_unique}: one unfinished task per key.
+    """
+
+    async def setUp(self) -> None:
+        await self.open_database()
+
+    def repair(self, content: str, index: int, reason: str = "scrub") -> dict[str, object]:
+        return {"content_hash": content, "shard_index": index, "reason": reason}
+
+    async def test_second_enqueue_returns_first(self) -> None:
+        """
+        While a task with the same key fields is pending or running, a second
+        enqueue returns its id without inserting; another key inserts.
+        """
+        q = self.queue()
+        key = ("content_hash", "shard_index")
+        first, created = await q.enqueue_unique("repair", self.repair("aa", 1), key, region="eu")
+        self.assertTrue(created)
+        again = await q.enqueue_unique("repair", self.repair("aa", 1, "sweep"), key, region="eu")
+        self.assertEqual(again, (first, False))
+        other_index, created = await q.enqueue_unique("repair", self.repair("aa", 2), key, region="eu")
+        self.assertTrue(created)
+        self.assertNotEqual(other_index, first)
+        other_region, created = await q.enqueue_unique("repair", self.repair("aa", 1), key, region="us")
+        self.assertTrue(created)
+        await q.claim(["repair"], "eu")
+        self.assertEqual(
+            await q.enqueue_unique("repair", self.repair("aa", 1), key, region="eu"), (first, False)
+        )
+        self.assertEqual((await q.get(first)).payload, self.repair("aa", 1))
+        self.assertEqual(len(await q.list(kind="repair")), 3)
+
+    async def test_finished_task_does_not_block(self) -> None:
+        """
+        Once the task is done (or parked, or cancelled), the same key makes
+        a new task.
+        """
+        q = self.queue()
+        key = ("content_hash", "shard_index")
+        first, _ = await q.enqueue_unique("repair", self.repair("bb", 0), key)
+        task = await q.claim(["repair"], None)
+        assert task is not None
+        await q.complete(task)
+        second, created = await q.enqueue_unique("repair", self.repair("bb", 0), key)
+        self.assertTrue(created)
+        await q.cancel(second)
+        third, created = await q.enqueue_unique("repair", self.repair("bb", 0), key)
+        self.assertTrue(created)
+        self.assertEqual(len({first, second, third}), 3)
+
+    async def test_concurrent_enqueuers_insert_one(self) -> None:
+        """
+        Many enqueuers of one key racing on separate connection pools create
+        exactly one task.
+        """
+        queues = [self.queue(f"w{i}", db=await self.connect(pool_size=2)) for i in range(4)]
+        key = ("content_hash", "shard_index")
+        results = await gatherResults(
+            [
+                Deferred.fromCoroutine(q.enqueue_unique("repair", self.repair("cc", 3), key))
+                for q in queues
+                for _ in range(3)
+            ]
+        )
+        self.assertEqual(len({task_id for task_id, _ in results}), 1)
+        self.assertEqual(sum(created for _, created in results), 1)
+        self.assertEqual(await self.queue().depth(), {("repair", "pending"): 1})
+
+    async def test_invalid_arguments(self) -> None:
+        """
+        A missing kind, an empty key or a payload without a key field is
+        refused.
+        """
+        q = self.queue()
+        for kind, payload, key in (
+            ("", {"a": 1}, ("a",)),
+            ("repair", {"a": 1}, ()),
+            ("repair", {"a": 1}, ("a", "b")),
+        ):
+            with self.assertRaises(InvalidArgument):
+                await q.enqueue_unique(kind, payload, key)
+        self.assertEqual(await q.list(), [])
+
+
 class ClaimTests(QueueTestMixin, TestCase):
     """
     Claiming: exclusivity, filters, leases and takeover.

@@ -32,6 +32,7 @@ clocks (NTP); a lease is tens of seconds, far above usual skew.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -211,6 +212,76 @@ class TaskQueue:
 
         task_id: int = await self._db.run_interaction(insert)
         return task_id
+
+    async def enqueue_unique(
+        self,
+        kind: str,
+        payload: Mapping[str, Any],
+        unique_on: Sequence[str],
+        region: str | None = None,
+        max_attempts: int | None = None,
+    ) -> tuple[int, bool]:
+        """
+        Add a task unless an unfinished one (pending or running) of the same
+        kind already has the same values for the payload fields
+        C{unique_on}: two detections of one problem (a scrub and a sweep
+        both finding a shard bad) then make one task, not two.
+
+        Finished tasks do not count: a problem found again after its task
+        was done, parked or cancelled deserves a new task.
+
+        Enqueuers of the same key are serialised by a transaction-scoped
+        advisory lock, so two of them racing (on different nodes) still
+        insert only one row.
+
+        @param kind: what to do, for example C{"repair"}.
+        @param payload: the task's arguments (JSON-serialisable); it must
+            hold every field of C{unique_on}.
+        @param unique_on: the payload fields identifying the work, for
+            example C{("content_hash", "shard_index")}.
+        @param region: the region whose workers run it; C{None} for any.
+        @param max_attempts: attempts before it is parked as failed.
+        @return: the task's id (the new one, or the unfinished one found)
+            and whether it was created now.
+        @raise InvalidArgument: without a kind or key field, or when the
+            payload lacks a key field.
+        """
+        if not kind:
+            raise InvalidArgument("A task needs a kind.")
+        if not unique_on:
+            raise InvalidArgument("unique_on must name at least one payload field.")
+        missing = [name for name in unique_on if name not in payload]
+        if missing:
+            raise InvalidArgument(f"The payload lacks the key field(s) {', '.join(missing)}.")
+        if max_attempts is not None and max_attempts < 1:
+            raise InvalidArgument(f"max_attempts must be at least 1, not {max_attempts}.")
+        key = {name: payload[name] for name in sorted(unique_on)}
+        lock_name = json.dumps([kind, region, key], sort_keys=True)
+        now = self._now()
+
+        async def insert(cursor: Any) -> tuple[int, bool]:
+            await cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock_name,))
+            # payload @> key: the key fields equal (JSON containment), the
+            # rest of the payload may differ (another reason, another finder).
+            await cursor.execute(
+                "SELECT id FROM tasks WHERE kind = %s AND state IN ('pending', 'running')"
+                " AND region IS NOT DISTINCT FROM %s AND payload @> %s ORDER BY id LIMIT 1",
+                (kind, region, Json(key)),
+            )
+            rows = cursor.fetchall()
+            if rows:
+                return int(rows[0][0]), False
+            await cursor.execute(
+                "INSERT INTO tasks (kind, payload, region, run_after, max_attempts, created_at, updated_at)"
+                " VALUES (%s, %s, %s, %s, COALESCE(%s, 10), %s, %s) RETURNING id",
+                (kind, Json(dict(payload)), region, now, max_attempts, now, now),
+            )
+            task_id = int(cursor.fetchall()[0][0])
+            await cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, kind))
+            return task_id, True
+
+        result: tuple[int, bool] = await self._db.run_interaction(insert)
+        return result
 
     async def get(self, task_id: int) -> Task:
         """
