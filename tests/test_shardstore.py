@@ -21,7 +21,9 @@ from anvil.storage.shardstore import (
     LocalShardStore,
     ShardLocation,
     ShardNotFound,
+    parse_shard_cursor,
     rank_dirs,
+    shard_cursor,
 )
 
 PARAMS = ErasureParams(4, 2, 64)
@@ -329,6 +331,76 @@ class LocalShardStoreTests(StoreTestsMixin, SynchronousTestCase):
         remaining = {(loc.content_hash, loc.shard_index) for loc in store.list_shards()}
         self.assertNotIn((a, 0), remaining)
         self.assertEqual(len(remaining), 11)
+
+    def test_delete_content(self) -> None:
+        """
+        delete_content removes every shard of one content from every
+        directory, duplicates included, and leaves other contents alone.
+        """
+        store = self.make_store(3)
+        a, _ = self.put(store, b"first")
+        b, _ = self.put(store, b"second")
+        path = store.locate(a, 2)
+        assert path is not None
+        other = next(d for d in store.data_dirs if not path.startswith(d + os.sep))
+        duplicate = store.shard_path(other, a, 2)
+        os.makedirs(os.path.dirname(duplicate), exist_ok=True)
+        shutil.copy(path, duplicate)
+        self.assertEqual(store.delete_content(a), 7)
+        self.assertEqual(store.delete_content(a), 0)
+        remaining = {(loc.content_hash, loc.shard_index) for loc in store.list_shards()}
+        self.assertEqual(remaining, {(b, i) for i in range(6)})
+
+    def test_list_page(self) -> None:
+        """
+        list_page pages through every shard once, in (hash, numeric index)
+        order, with sizes, listing a duplicate once.
+        """
+        store = self.make_store(3)
+        params = ErasureParams(10, 2, 640)
+        digests = []
+        for n in range(4):
+            data = bytes([n]) * 1000
+            digest = hashlib.sha256(data).digest()
+            codec = ErasureCodec(params)
+            writers = [store.open_writer(i, params, digest) for i in range(params.total)]
+            for offset in range(0, len(data), params.stripe_size):
+                stripe = data[offset : offset + params.stripe_size]
+                for writer, block in zip(writers, codec.encode_stripe(stripe)):
+                    writer.write_block(block)
+            for writer in writers:
+                store.commit(writer, digest, len(data))
+            digests.append(digest.hex())
+        path = store.locate(bytes.fromhex(digests[0]), 11)
+        assert path is not None
+        other = next(d for d in store.data_dirs if not path.startswith(d + os.sep))
+        duplicate = store.shard_path(other, bytes.fromhex(digests[0]), 11)
+        os.makedirs(os.path.dirname(duplicate), exist_ok=True)
+        shutil.copy(path, duplicate)
+        expected = sorted((h, i) for h in digests for i in range(12))
+        seen: list[tuple[str, int]] = []
+        cursor = ""
+        while True:
+            page = store.list_page(cursor, limit=5)
+            if not page:
+                break
+            self.assertLessEqual(len(page), 5)
+            for location, size in page:
+                self.assertEqual(size, os.path.getsize(location.path))
+                seen.append((location.content_hash.hex(), location.shard_index))
+            last = page[-1][0]
+            cursor = shard_cursor(last.content_hash.hex(), last.shard_index)
+        self.assertEqual(seen, expected)
+        self.assertEqual(parse_shard_cursor(cursor), expected[-1])
+
+    def test_list_page_bad_cursor(self) -> None:
+        """
+        A malformed cursor or limit is refused.
+        """
+        store = self.make_store(1)
+        self.assertRaises(ValueError, store.list_page, "zz.1")
+        self.assertRaises(ValueError, store.list_page, "", 0)
+        self.assertIsNone(parse_shard_cursor(""))
 
     def test_clean_temporary(self) -> None:
         """

@@ -61,7 +61,15 @@ from anvil.storage.shardfile import (
     fsync_dir,
 )
 
-__all__ = ["LocalShardStore", "ShardNotFound", "ShardLocation", "DirCapacity", "rank_dirs"]
+__all__ = [
+    "LocalShardStore",
+    "ShardNotFound",
+    "ShardLocation",
+    "DirCapacity",
+    "rank_dirs",
+    "shard_cursor",
+    "parse_shard_cursor",
+]
 
 _SHARD_NAME = re.compile(r"([0-9a-f]{64})\.([0-9]{1,3})")
 _TMP_SUFFIX = ".tmp"
@@ -393,6 +401,97 @@ class LocalShardStore:
                             os.path.join(leaf, name),
                         )
 
+    def delete_content(self, content_hash: bytes) -> int:
+        """
+        Remove every committed shard of a content, whatever its index, from
+        every data directory (the peer protocol's content delete).
+
+        Only the content's leaf directories are listed, so this costs one
+        C{listdir} per data directory, not one C{unlink} per possible index.
+        Not fsynced, as L{delete}.
+
+        @param content_hash: SHA-256 digest of the content.
+        @return: Number of files removed.
+        """
+        name = _check_hash(content_hash)
+        removed = 0
+        for data_dir in self.data_dirs:
+            leaf = os.path.join(data_dir, "shards", name[:2], name[2:4])
+            for entry in _sorted_entries(leaf):
+                match = _SHARD_NAME.fullmatch(entry)
+                if match is None or match.group(1) != name:
+                    continue
+                try:
+                    os.unlink(os.path.join(leaf, entry))
+                except FileNotFoundError:
+                    continue
+                removed += 1
+        return removed
+
+    def list_page(self, after: str = "", limit: int = 1000) -> list[tuple[ShardLocation, int]]:
+        """
+        One page of the committed shards of all data directories, in the
+        order of (content hash hex, shard index), for a sweep that pages
+        through a peer's shards.
+
+        A shard present in several directories is listed once (the first
+        directory in configuration order). Files removed during the walk
+        are skipped.
+
+        @param after: A cursor C{"<hash hex>.<index>"} (see L{shard_cursor}):
+            only shards ordered strictly after it are listed; C{""} starts
+            at the beginning.
+        @param limit: At most this many shards, C{>= 1}.
+        @return: C{(location, file size in bytes)} pairs, in order.
+        @raise ValueError: A malformed cursor or limit.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        start = parse_shard_cursor(after)
+        found: dict[tuple[str, int], tuple[ShardLocation, int]] = {}
+        for data_dir in self.data_dirs:
+            for key, location, size in self._walk_after(data_dir, start, limit):
+                found.setdefault(key, (location, size))
+        return [found[key] for key in sorted(found)[:limit]]
+
+    def _walk_after(
+        self, data_dir: str, start: tuple[str, int] | None, limit: int
+    ) -> Iterator[tuple[tuple[str, int], ShardLocation, int]]:
+        """
+        Up to C{limit} shards of one data directory ordered after C{start}.
+        """
+        root = os.path.join(data_dir, "shards")
+        count = 0
+        first = start[0] if start is not None else ""
+        for level1 in _sorted_entries(root):
+            if level1 < first[:2]:
+                continue
+            for level2 in _sorted_entries(os.path.join(root, level1)):
+                if level1 + level2 < first[:4]:
+                    continue
+                leaf = os.path.join(root, level1, level2)
+                entries: list[tuple[tuple[str, int], str]] = []
+                for name in _sorted_entries(leaf):
+                    match = _SHARD_NAME.fullmatch(name)
+                    if match is None or match.group(1)[:4] != level1 + level2:
+                        continue
+                    key = (match.group(1), int(match.group(2)))
+                    if start is not None and key <= start:
+                        continue
+                    entries.append((key, name))
+                # Numeric index order: "x.10" sorts before "x.2" as text.
+                entries.sort()
+                for key, name in entries:
+                    path = os.path.join(leaf, name)
+                    try:
+                        size = os.stat(path).st_size
+                    except FileNotFoundError:
+                        continue
+                    yield key, ShardLocation(data_dir, bytes.fromhex(key[0]), key[1], path), size
+                    count += 1
+                    if count >= limit:
+                        return
+
     def clean_temporary(self, older_than: float, now: float | None = None) -> int:
         """
         Remove temporary files left by crashed or abandoned writes.
@@ -451,6 +550,31 @@ class LocalShardStore:
     def _check_dir(self, data_dir: str) -> None:
         if os.path.abspath(data_dir) not in self.data_dirs:
             raise ValueError(f"{data_dir} is not a data directory of this store")
+
+
+def shard_cursor(hash_hex: str, shard_index: int) -> str:
+    """
+    The paging cursor naming one shard, for L{LocalShardStore.list_page}.
+
+    @param hash_hex: The content hash in lower-case hex.
+    @param shard_index: The shard index.
+    @return: C{"<hash hex>.<index>"}.
+    """
+    return f"{hash_hex}.{shard_index}"
+
+
+def parse_shard_cursor(cursor: str) -> tuple[str, int] | None:
+    """
+    @param cursor: C{""} or a cursor made by L{shard_cursor}.
+    @return: C{(hash hex, index)}, or L{None} for C{""}.
+    @raise ValueError: The cursor is malformed.
+    """
+    if cursor == "":
+        return None
+    match = _SHARD_NAME.fullmatch(cursor)
+    if match is None:
+        raise ValueError(f"malformed shard cursor {cursor!r}")
+    return match.group(1), int(match.group(2))
 
 
 def _sorted_entries(path: str) -> list[str]:
