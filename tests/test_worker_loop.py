@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anvil.meta.listen import Listener
 from anvil.worker.loop import PeriodicWorker, TaskWorker
-from anvil.worker.queue import CHANNEL, TaskQueue
+from anvil.metrics import Metrics
+from anvil.worker.queue import CHANNEL, Task, TaskQueue
 from tests.test_queue import QueueTestMixin
 
 
@@ -207,10 +208,10 @@ class TaskWorkerTests(QueueTestMixin, TestCase):
         q = self.queue()
         seen: list[dict[str, Any]] = []
 
-        async def gc(payload: dict[str, Any]) -> None:
-            seen.append(payload)
+        async def gc(task: Task) -> None:
+            seen.append(task.payload)
 
-        async def repair(payload: dict[str, Any]) -> None:
+        async def repair(task: Task) -> None:
             raise ValueError("no healthy shards")
 
         worker = TaskWorker(q, {"gc": gc, "repair": repair}, self.clock, region=None)
@@ -237,7 +238,7 @@ class TaskWorkerTests(QueueTestMixin, TestCase):
         other = self.queue("other", lease_seconds=9)
         release: Deferred[None] = Deferred()
 
-        async def slow(payload: dict[str, Any]) -> None:
+        async def slow(task: Task) -> None:
             await release
 
         worker = TaskWorker(q, {"gc": slow}, self.clock, region=None)
@@ -262,7 +263,7 @@ class TaskWorkerTests(QueueTestMixin, TestCase):
         q = self.queue()
         release: Deferred[None] = Deferred()
 
-        async def slow(payload: dict[str, Any]) -> None:
+        async def slow(task: Task) -> None:
             await release
 
         worker = TaskWorker(q, {"gc": slow}, self.clock, region=None)
@@ -274,6 +275,82 @@ class TaskWorkerTests(QueueTestMixin, TestCase):
         await running
         self.assertEqual((await q.get(task_id)).state, "cancelled")
         self.assertEqual(worker.outcomes, {("gc", "lost"): 1})
+
+
+    async def test_outcomes_counted_in_metrics(self) -> None:
+        """
+        Every outcome moves C{anvil_task_runs_total} for its kind: done,
+        retry (backing off) and failed (parked).
+        """
+        q = self.queue()
+        metrics = Metrics()
+
+        async def ok(task: Task) -> None:
+            pass
+
+        async def broken(task: Task) -> None:
+            raise RuntimeError("disk on fire")
+
+        worker = TaskWorker(q, {"gc": ok, "repair": broken}, self.clock, region=None, metrics=metrics)
+        await q.enqueue("gc", {})
+        await q.enqueue("repair", {}, max_attempts=2)
+
+        def runs(kind: str, outcome: str) -> float | None:
+            return metrics.registry.get_sample_value(
+                "anvil_task_runs_total", {"kind": kind, "outcome": outcome}
+            )
+
+        await worker.run_once()
+        self.assertEqual((runs("gc", "done"), runs("repair", "retry")), (1.0, 1.0))
+        self.assertIsNone(runs("repair", "failed"))
+        self.clock.advance(3600)
+        await worker.run_once()
+        self.assertEqual(runs("repair", "failed"), 1.0)
+        self.assertEqual(runs("repair", "retry"), 1.0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+    async def test_urgent_kinds_first(self) -> None:
+        """
+        A repair enqueued after rebalances runs before them, and before the
+        rest of the backlog once the first rebalance has finished.
+        """
+        q = self.queue()
+        order: list[str] = []
+
+        async def handle(task: Task) -> None:
+            order.append(f"{task.kind}{task.payload['n']}")
+            if task.payload["n"] == 1 and task.kind == "rebalance":
+                await q.enqueue("repair", {"n": 2})
+
+        await q.enqueue("rebalance", {"n": 1})
+        await q.enqueue("rebalance", {"n": 2})
+        await q.enqueue("repair", {"n": 1})
+        worker = TaskWorker(
+            q, {"repair": handle, "rebalance": handle}, self.clock, region=None,
+            priorities={"repair": 0, "rebalance": 5},
+        )
+        self.assertEqual(worker.kind_groups(), [["repair"], ["rebalance"]])
+        self.assertEqual(await worker.run_once(), 4)
+        self.assertEqual(order, ["repair1", "rebalance1", "repair2", "rebalance2"])
+
+    async def test_handlers_added_later_are_served(self) -> None:
+        """
+        The worker keeps the handler mapping by reference: a kind registered
+        after it was built is claimed at its next pass.
+        """
+        q = self.queue()
+        handlers: dict[str, Any] = {}
+        worker = TaskWorker(q, handlers, self.clock, region=None)
+        task_id = await q.enqueue("evacuate", {})
+        self.assertEqual(await worker.run_once(), 0)
+        seen: list[int] = []
+
+        async def evacuate(task: Task) -> None:
+            seen.append(task.id)
+
+        handlers["evacuate"] = evacuate
+        self.assertEqual(await worker.run_once(), 1)
+        self.assertEqual(seen, [task_id])
 
 
 async def _until_async(fetch: Any, condition: Any, timeout: float = 5.0) -> None:
@@ -309,7 +386,7 @@ class NotifyTests(QueueTestMixin, TestCase):
         q = TaskQueue(self.db, reactor, "node")
         ran: list[float] = []
 
-        async def gc(payload: dict[str, Any]) -> None:
+        async def gc(task: Task) -> None:
             ran.append(time.monotonic())
 
         service = PeriodicWorker(TaskWorker(q, {"gc": gc}, reactor, region=None), 3600, reactor)

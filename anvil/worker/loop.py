@@ -10,7 +10,9 @@ overlap, and L{PeriodicWorker.wake} runs one at once (for example when
 C{LISTEN/NOTIFY} announces a new task).
 
 L{TaskWorker} is the task whose pass drains the task queue
-(L{anvil.worker.queue}) for the kinds it has handlers for.
+(L{anvil.worker.queue}) for the kinds it has handlers for (usually a
+L{anvil.worker.tasks.TaskHandlers} registry), most urgent kinds first, and
+counts every outcome in C{anvil_task_runs_total}.
 C{anvil-admin worker run-once} calls the same C{run_once} as the daemon.
 """
 
@@ -24,6 +26,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from anvil.metrics import Metrics
 from anvil.worker.queue import LeaseLost, Task, TaskQueue
 
 
@@ -179,7 +182,9 @@ def _follow(d: Deferred[Any]) -> Deferred[None]:
     return follower
 
 
-Handler = Callable[[dict[str, Any]], Awaitable[object]]
+#: A task handler: does the work of one claimed task (its kind, payload,
+#: attempt); raising fails the attempt.
+Handler = Callable[[Task], Awaitable[object]]
 
 
 class TaskWorker:
@@ -187,6 +192,12 @@ class TaskWorker:
     Drain the task queue: claim tasks of the kinds it has handlers for,
     run each, and complete or fail it.  While a handler runs, its lease is
     renewed every C{renew_interval} seconds.
+
+    Kinds with a lower priority number are claimed first: after every task
+    the worker looks again from the most urgent kinds, so repairs queued
+    behind a long rebalance backlog run before it (ARCHITECTURE §7).
+    Handlers are looked up at each claim, so kinds registered after the
+    worker was built are served from its next claim on.
 
     Handlers must be idempotent: a task whose worker died (or stalled past
     its lease) runs again elsewhere.
@@ -207,19 +218,28 @@ class TaskWorker:
         region: str | None,
         renew_interval: float | None = None,
         max_tasks_per_pass: int = 100,
+        priorities: Mapping[str, int] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """
         @param queue: the queue to claim from (its owner names this worker).
-        @param handlers: task kind to async callable taking the payload.
+        @param handlers: task kind to async callable taking the claimed
+            L{Task}; kept by reference (not copied), so a registry that
+            grows later is seen.
         @param clock: an C{IReactorTime}, for lease renewals.
         @param region: this node's region.
         @param renew_interval: seconds between lease renewals (default: a
             third of the lease, so two renewals may fail before it expires).
         @param max_tasks_per_pass: a pass ends after this many tasks, so that
             a long queue does not keep one pass (and stopService) going.
+        @param priorities: kind to priority, lower first; kinds missing
+            here have priority 0.  Also kept by reference.
+        @param metrics: where C{anvil_task_runs_total} is counted, if given.
         """
         self._queue = queue
-        self._handlers = dict(handlers)
+        self._handlers = handlers
+        self._priorities: Mapping[str, int] = priorities if priorities is not None else {}
+        self._metrics = metrics
         self._clock = clock
         self._region = region
         self._renew_interval = renew_interval or queue.lease_seconds / 3
@@ -233,18 +253,39 @@ class TaskWorker:
         @return: how many tasks were run.
         """
         ran = 0
-        kinds = sorted(self._handlers)
         while ran < self._max_tasks:
-            task = await self._queue.claim(kinds, self._region)
+            task = await self._claim_most_urgent()
             if task is None:
                 break
             await self._run(task)
             ran += 1
         return ran
 
+    def kind_groups(self) -> list[list[str]]:
+        """
+        The kinds this worker has handlers for, grouped by priority, most
+        urgent group first.
+        """
+        groups: dict[int, list[str]] = {}
+        for kind in sorted(self._handlers):
+            groups.setdefault(self._priorities.get(kind, 0), []).append(kind)
+        return [groups[p] for p in sorted(groups)]
+
+    async def _claim_most_urgent(self) -> Task | None:
+        """
+        Claim a task of the most urgent group that has a runnable one.
+        """
+        for kinds in self.kind_groups():
+            task = await self._queue.claim(kinds, self._region)
+            if task is not None:
+                return task
+        return None
+
     def _count(self, task: Task, outcome: str) -> None:
         key = (task.kind, outcome)
         self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        if self._metrics is not None:
+            self._metrics.task_runs.labels(task.kind, outcome).inc()
 
     async def _run(self, task: Task) -> None:
         """
@@ -273,7 +314,11 @@ class TaskWorker:
         renewer_done = renewer.start(self._renew_interval, now=False)
         error: str | None = None
         try:
-            await self._handlers[task.kind](dict(task.payload))
+            handler = self._handlers.get(task.kind)
+            if handler is None:
+                # Only if the registry lost the kind between claim and run.
+                raise LookupError(f"no handler for task kind {task.kind!r}")
+            await handler(task)
         except Exception as e:
             error = f"{type(e).__name__}: {' '.join(str(e).split())}"
             self._log.failure(
