@@ -313,28 +313,19 @@ async def _task_cancel(store: GlobalStore, args: argparse.Namespace, out: _Outpu
     _show_task(task, out, f"Task {task.id} ({task.kind}) is cancelled.")
 
 
-async def _run_gc(s3: Any, config: Any, reactor: Any) -> dict[str, int]:
-    from dataclasses import asdict
-
-    from anvil.worker.gc import GarbageCollector
-
-    return asdict(await GarbageCollector.for_node(config, s3, reactor).run_once())
-
-
-#: The workers C{worker run-once} can run; each builds its work exactly as
-#: the node's loop does.
-_WORKERS = {"gc": _run_gc}
-
-
 async def _worker_run_once(store: GlobalStore, args: argparse.Namespace, out: _Output) -> None:
     """
     Run one pass of a worker with this node's configuration, storage and
-    databases (the node may be running: passes are safe to overlap).
+    databases (the node may be running: passes are safe to overlap).  The
+    worker is built by L{anvil.worker.tasks.REGISTRY} from the same context
+    as the node's loop, so the pass is the daemon's; only pacing is off
+    (a paced scrub would take its whole interval).
     """
     from anvil.cluster.membership import load_or_create_node_id
     from anvil.metrics import Metrics
     from anvil.s3.service import build_s3
     from anvil.storage.cpu import CpuPool
+    from anvil.worker.tasks import REGISTRY, WorkerContext
 
     config, metadata, reactor = args.config_obj, args.metadata, args.reactor
     cpu = CpuPool(reactor, name="anvil-admin-cpu")
@@ -342,25 +333,51 @@ async def _worker_run_once(store: GlobalStore, args: argparse.Namespace, out: _O
     cpu.startService()
     io.startService()
     try:
+        node_id = load_or_create_node_id(config.node.data_dir)
+        metrics = Metrics()
         s3 = build_s3(
             config,
             reactor,
             global_store=metadata.global_store,
             global_db=metadata.global_db,
             regional_db=metadata.regional_db,
-            metrics=Metrics(),
+            metrics=metrics,
             cpu=cpu,
             io=io,
-            node_id=load_or_create_node_id(config.node.data_dir),
+            node_id=node_id,
         )
-        summary = await _WORKERS[args.worker](s3, config, reactor)
+        ctx = WorkerContext(
+            config=config,
+            clock=reactor,
+            node_id=node_id,
+            metrics=metrics,
+            io=io,
+            global_db=metadata.global_db,
+            s3=s3,
+            paced=False,
+        )
+        summary = await REGISTRY.run_once(args.worker, ctx)
     finally:
         await cpu.stopService()
         await io.stopService()
     if out.as_json:
         out.json({"worker": args.worker, **summary})
-    else:
-        out.line(f"{args.worker}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items()))
+        return
+    note = summary.pop("note", None)
+    out.line(f"{args.worker}: " + ", ".join(f"{k.replace('_', ' ')} {_summary_value(v)}" for k, v in summary.items()))
+    if note:
+        out.line(f"{args.worker}: {note}")
+
+
+def _summary_value(value: object) -> str:
+    """
+    A summary value for the human-readable line.
+    """
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
 
 
 # -- the parser -------------------------------------------------------------
@@ -491,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     workers = group("worker", "run a node's background workers by hand")
     sub = leaf(workers, "run-once", "run one pass of a worker for this node and print what it did", _worker_run_once)
-    sub.add_argument("worker", choices=sorted(_WORKERS), help="the worker")
+    from anvil.worker.tasks import REGISTRY as WORKER_REGISTRY
+
+    sub.add_argument("worker", choices=WORKER_REGISTRY.command_names(), help="the worker")
     return parser
 
 

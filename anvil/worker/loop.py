@@ -42,6 +42,9 @@ class IWorkerTask(Protocol):
     def run_once(self) -> Awaitable[object]:
         """
         Do one pass of work; raising fails this pass only.
+
+        A task may also have an C{interrupt()} method: the worker calls it
+        when it stops during a pass, asking the pass to end early.
         """
 
 
@@ -97,6 +100,11 @@ class PeriodicWorker(Service):
         progress has finished (no new one starts).
         """
         super().stopService()
+        # A task that can cut its pass short (a paced scrub sleeping towards
+        # its rate) does, so that shutdown does not wait out the pass.
+        interrupt = getattr(self._task, "interrupt", None)
+        if self._current is not None and interrupt is not None:
+            interrupt()
         waits: list[Deferred[Any]] = []
         if self._loop is not None and self._loop.running:
             self._loop.stop()

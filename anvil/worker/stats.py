@@ -27,6 +27,11 @@ Sources:
 
 L{RecordedGc} wraps the garbage collector's task so that each pass the
 daemon runs is counted by L{Metrics.record_gc}.
+
+L{TaskQueueStats} is the worker task setting C{anvil_tasks{kind,state}}
+from one C{GROUP BY} over the task queue (L{TaskQueue.depth}), every state
+of every kind seen, zeros included, so alert rules on failed tasks find a
+series even before the first failure.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from anvil.meta.objects import ObjectStore
 from anvil.metrics import Metrics
 from anvil.storage.shardstore import DirCapacity, LocalShardStore
 from anvil.worker.gc import GcReport
+from anvil.worker.queue import STATES, TaskQueue
 
 _T = TypeVar("_T")
 
@@ -220,3 +226,40 @@ class RecordedGc:
         report = await self._collector.run_once()
         self._metrics.record_gc(report)
         return report
+
+
+class TaskQueueStats:
+    """
+    The worker task refreshing C{anvil_tasks} from the task queue.
+
+    @ivar name: C{"task-stats"}, for logs and the service name.
+    """
+
+    name = "task-stats"
+
+    def __init__(self, metrics: Metrics, queue: TaskQueue, kinds: tuple[str, ...] = ()) -> None:
+        """
+        @param metrics: the node's metrics.
+        @param queue: the task queue (any owner: only counted).
+        @param kinds: kinds exported from the start even with no task yet
+            (for example those the node has handlers for).
+        """
+        self._metrics = metrics
+        self._queue = queue
+        # Kinds seen once stay exported (at 0 when their tasks are gone),
+        # so a series does not vanish when a queue empties.
+        self._kinds: set[str] = set(kinds)
+
+    async def run_once(self) -> dict[tuple[str, str], int]:
+        """
+        Count the tasks by kind and state and set the gauge; a database
+        error fails the pass and leaves the last values.
+
+        @return: the counts (as L{TaskQueue.depth}).
+        """
+        depth = await self._queue.depth()
+        self._kinds |= {kind for kind, _ in depth}
+        for kind in sorted(self._kinds):
+            for state in STATES:
+                self._metrics.tasks.labels(kind, state).set(depth.get((kind, state), 0))
+        return depth
