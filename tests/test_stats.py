@@ -25,7 +25,8 @@ from anvil.storage.cpu import CpuPool
 from anvil.storage.shardstore import LocalShardStore
 from anvil.worker.gc import GcReport
 from anvil.errors import DatabaseUnavailable
-from anvil.worker.stats import RecordedGc, UsageStats
+from anvil.worker.queue import STATES, TaskQueue
+from anvil.worker.stats import RecordedGc, TaskQueueStats, UsageStats
 from tests.pg import fresh_database
 from tests.test_metrics import sample_value, scrape
 from tests.test_objects import put, regional_database
@@ -368,3 +369,58 @@ class UsageStatsTests(TestCase):
         )
         self.assertEqual(self.bucket_value("anvil_bucket_stored_bytes", "acme", "photos"), 5.0)
         self.assertEqual(self.tenant_bytes("acme"), 5.0)
+
+
+class TaskQueueStatsTests(TestCase):
+    """
+    L{TaskQueueStats} sets C{anvil_tasks{kind,state}} from a real queue.
+    """
+
+    async def setUp(self) -> None:
+        db = await Database.connect(fresh_database(self, "g"), reactor, pool_size=2)
+        self.addCleanup(db.close)
+        await apply_migrations(db, "global")
+        self.queue = TaskQueue(db, reactor, "n1/1")
+        self.metrics = Metrics()
+        self.stats = TaskQueueStats(self.metrics, self.queue, kinds=("repair",))
+
+    def tasks(self) -> dict[tuple[tuple[str, str], ...], float]:
+        return labelled(self.metrics, "anvil_tasks")
+
+    def test_name(self) -> None:
+        """
+        The task is named C{task-stats}.
+        """
+        self.assertEqual(self.stats.name, "task-stats")
+
+    async def test_gauges_follow_the_queue(self) -> None:
+        """
+        Every state of every kind known or seen is exported, zeros included;
+        the values move as tasks are claimed and finished, and a kind whose
+        tasks are gone stays at zero.
+        """
+        self.assertEqual(self.tasks(), {})
+        await self.stats.run_once()
+        self.assertEqual(
+            self.tasks(), {(("kind", "repair"), ("state", state)): 0.0 for state in STATES}
+        )
+        await self.queue.enqueue("repair", {"n": 1}, max_attempts=1)
+        await self.queue.enqueue("repair", {"n": 2})
+        gc_id = await self.queue.enqueue("delete_shards", {})
+        await self.stats.run_once()
+        values = self.tasks()
+        self.assertEqual(len(values), 2 * len(STATES))
+        self.assertEqual(values[(("kind", "repair"), ("state", "pending"))], 2.0)
+        self.assertEqual(values[(("kind", "delete_shards"), ("state", "pending"))], 1.0)
+
+        task = await self.queue.claim(["repair"], None)
+        assert task is not None
+        await self.queue.fail(task, "boom")
+        await self.queue.cancel(gc_id)
+        await self.stats.run_once()
+        values = self.tasks()
+        self.assertEqual(values[(("kind", "repair"), ("state", "pending"))], 1.0)
+        self.assertEqual(values[(("kind", "repair"), ("state", "running"))], 0.0)
+        self.assertEqual(values[(("kind", "repair"), ("state", "failed"))], 1.0)
+        self.assertEqual(values[(("kind", "delete_shards"), ("state", "pending"))], 0.0)
+        self.assertEqual(values[(("kind", "delete_shards"), ("state", "cancelled"))], 1.0)
