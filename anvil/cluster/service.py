@@ -55,7 +55,7 @@ from anvil.cluster.tls import (
 from anvil.cluster.transport import GossipResource, GossipTransport
 from anvil.errors import DatabaseUnavailable, InvalidArgument, NotFound
 from anvil.metrics import Metrics
-from anvil.web.listener import DrainingListener, track_channels
+from anvil.web.listener import track_channels
 
 #: Persistent connections kept per peer: enough for a few shard streams and
 #: gossip at once.
@@ -148,7 +148,8 @@ class ClusterService(Service):
         self._server_tls: RenewableServerContext | None = None
         self._policy: ClusterTLSPolicy | None = None
         self._pool: HTTPConnectionPool | None = None
-        self._listener: DrainingListener | None = None
+        self._connections: set[Any] = set()
+        self._drain_timeout = min(config.node.shutdown_timeout, 5.0)
         self._renewal: LoopingCall | None = None
         self._joining: Deferred[int] | None = None
         self._gossiping = False
@@ -287,13 +288,12 @@ class ClusterService(Service):
         @return: the listening port.
         """
         assert self._server_tls is not None, "prepare() first"
-        factory, site = cluster_factory(self._server_tls, self.root, self._metrics, self._reactor)
-        channels = track_channels(site)
+        factory, _ = cluster_factory(self._server_tls, self.root, self._metrics, self._reactor)
+        # The TLS connections themselves are tracked, so that shutdown can
+        # close them without waiting for each peer's close_notify.
+        self._connections = track_channels(factory)  # type: ignore[arg-type]
         endpoint = serverFromString(self._reactor, self._config.cluster.listen)
         self.port = port = await endpoint.listen(factory)
-        self._listener = DrainingListener(
-            port, channels, self._reactor, min(self._config.node.shutdown_timeout, 5.0), name="cluster"
-        )
         public = self._config.cluster.public_addrs
         address = public[0] if public else f"127.0.0.1:{port.getHost().port}"
         self.update_local(cluster_addr=address)
@@ -434,11 +434,47 @@ class ClusterService(Service):
                 except Exception:
                     self._log.warn("The leave announcement did not finish in time.")
             swim.stop()
-        if self._listener is not None:
-            await self._listener.stopService()
-            self._listener = None
+        if self.port is not None:
+            await self._drain(self.port)
+            self.port = None
         if self._pool is not None:
             await self._pool.closeCachedConnections()
+
+
+    async def _drain(self, port: IListeningPort) -> None:
+        """
+        Stop listening; close idle connections at once, and busy ones once
+        their requests are done or C{drain_timeout} has passed.
+
+        Connections are aborted rather than shut down with a TLS
+        close_notify: peers retry on a new connection, and waiting for each
+        peer's own close_notify could hold shutdown up for nothing.
+        """
+        await port.stopListening()
+        deadline = self._reactor.seconds() + self._drain_timeout
+        while self._connections:
+            late = self._reactor.seconds() >= deadline
+            for protocol in list(self._connections):
+                if late or not _busy(protocol):
+                    protocol.transport.abortConnection()
+            if late:
+                if self._connections:
+                    self._log.warn(
+                        "Aborted {count} cluster connections still busy after {timeout}s.",
+                        count=len(self._connections), timeout=self._drain_timeout,
+                    )
+                return
+            if self._connections:
+                await deferLater(self._reactor, 0.05)
+
+
+def _busy(tls: Any) -> bool:
+    """
+    Whether the HTTP channel under a TLS connection has a request in flight.
+    """
+    wrapped = getattr(tls, "wrappedProtocol", None)
+    channel = getattr(wrapped, "_channel", wrapped)
+    return bool(getattr(channel, "requests", None))
 
 
 class MembersResource(Resource):

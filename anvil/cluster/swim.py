@@ -368,6 +368,7 @@ class Swim:
         self._sync_loop: LoopingCall | None = None
         self._stopped = False
         self._left = False
+        self._join_wait: Deferred[None] | None = None
 
     # -- public API ---------------------------------------------------
 
@@ -398,6 +399,9 @@ class Swim:
         peers can tell; use L{leave} to depart gracefully.)
         """
         self._stopped = True
+        if self._join_wait is not None:
+            # A join waiting to retry ends (with CancelledError).
+            self._join_wait.cancel()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
@@ -420,7 +424,8 @@ class Swim:
 
         @param attempts: rounds over all seeds; C{None} retries forever.
         @return: fires with the number of members learned (this node
-            included), or fails with L{JoinFailed}.
+            included), or fails with L{JoinFailed} (or C{CancelledError}
+            when L{stop} is called while it waits to retry).
         """
         return Deferred.fromCoroutine(self._join(list(seed_addrs), attempts))
 
@@ -712,7 +717,11 @@ class Swim:
             self._log.warn("no seed answered; retrying in {delay}s", delay=backoff)
             # deferLater, not a bare Deferred fired by callLater: cancelling
             # the join (on shutdown) then cancels the timer too.
-            await deferLater(self._clock, backoff)
+            self._join_wait = deferLater(self._clock, backoff)
+            try:
+                await self._join_wait
+            finally:
+                self._join_wait = None
             if self._stopped:
                 break
             backoff = min(backoff * 2, self.config.join_backoff_max)
