@@ -511,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     from anvil.worker.tasks import REGISTRY as WORKER_REGISTRY
 
     sub.add_argument("worker", choices=WORKER_REGISTRY.command_names(), help="the worker")
+
+    from anvil.scripts.cluster_admin import add_cluster_commands
+
+    add_cluster_commands(group("cluster", "cluster members, the cluster CA, removing members"), leaf)
     return parser
 
 
