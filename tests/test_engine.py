@@ -30,6 +30,7 @@ from anvil.storage.engine import (
     ContentUnavailable,
     ContentWriter,
     StorageEngine,
+    WriteQuorumLost,
     WriterClosed,
 )
 from anvil.storage.erasure import ErasureParams
@@ -397,17 +398,15 @@ class WriterTests(EngineMixin, SynchronousTestCase):
 
     def test_abort_after_failure(self) -> None:
         """
-        A failure part-way (a disk error writing a block) makes the next
-        call raise L{WriterClosed} with the cause chained, and C{abort}
-        still removes every temporary file.
+        Disk errors on more shards than the write quorum allows make the
+        next call raise L{WriteQuorumLost} (the cause of each named), and
+        C{abort} still removes every temporary file.
         """
         engine = self.make_engine()
-        calls = []
         original = ShardWriter.write_block
 
         def failing(writer: ShardWriter, block: Any) -> None:
-            calls.append(writer.shard_index)
-            if len(calls) == TOTAL + 3:
+            if writer.shard_index in (0, 4) and os.path.getsize(writer.path) > HEADER_SIZE:
                 raise OSError(28, "No space left on device")
             original(writer, block)
 
@@ -416,16 +415,48 @@ class WriterTests(EngineMixin, SynchronousTestCase):
         async def go() -> None:
             writer = engine.new_writer()
             await writer.write(_content(2 * STRIPE))
-            with self.assertRaises(WriterClosed) as raised:
+            with self.assertRaises(WriteQuorumLost) as raised:
                 await writer.write(_content(STRIPE))
                 await writer.finish()
-            self.assertIsInstance(raised.exception.__cause__, OSError)
+            self.assertIn("No space left on device", str(raised.exception))
+            self.assertEqual(raised.exception.needed, K + 1)
             self.assertEqual(writer.state, "failed")
-            self.assertEqual(len(_files(engine.shards, "tmp")), TOTAL)
             await writer.abort()
 
         self.sync(go())
         self.assertEqual(_files(engine.shards, "tmp") + _files(engine.shards, "shards"), [])
+
+    def test_one_failed_disk_within_quorum(self) -> None:
+        """
+        A disk error on one shard drops that shard only: the write succeeds
+        with the others, the shard map records the shard as missing, and
+        the content reads back exactly from the rest.
+        """
+        engine = self.make_engine()
+        original = ShardWriter.write_block
+
+        def failing(writer: ShardWriter, block: Any) -> None:
+            if writer.shard_index == 1:
+                raise OSError(5, "Input/output error")
+            original(writer, block)
+
+        self.patch(ShardWriter, "write_block", failing)
+        data = _content(3 * STRIPE + 5)
+
+        async def go() -> Any:
+            writer = engine.new_writer()
+            await writer.write(data)
+            record = await writer.finish()
+            await writer.commit()
+            return record
+
+        record = self.sync(go())
+        shard_map = ShardMap.from_json(record.shard_map)
+        self.assertTrue(shard_map.targets[1].missing)
+        self.assertEqual([t.missing for t in shard_map.targets].count(True), 1)
+        self.assertEqual(len(_files(engine.shards, "shards")), TOTAL - 1)
+        self.assertEqual(_files(engine.shards, "tmp"), [])
+        self.assertEqual(self.get(engine, record), data)
 
     def test_dedup_commit_leaves_no_temporaries(self) -> None:
         """
@@ -601,7 +632,7 @@ class PipelineTests(EngineMixin, SynchronousTestCase):
         self.cpu.run_job(encodes[1])  # stripe 1 first
         self.assertEqual(self.io.names(), [])
         self.cpu.run_named("encode_stripe")  # then stripe 0
-        self.assertEqual(self.io.names(), ["_write_blocks"])
+        self.assertEqual(self.io.names(), ["_write_local_blocks"])
         record = self.successResultOf(ensureDeferred(self._finish_all(writer)))
         commit = ensureDeferred(writer.commit())
         _drain(self.cpu, self.io)
@@ -898,7 +929,8 @@ class ReaderTests(EngineMixin, SynchronousTestCase):
     def test_shard_of_another_content(self) -> None:
         """
         A shard file replaced by one of another content (its header names
-        another hash) is not used.
+        another hash) is not used, and is reported as damaged (a repair
+        puts the right shard back).
         """
         engine = self.make_engine()
         data = _content(STRIPE + 5, seed=1)
@@ -929,8 +961,9 @@ class ReaderTests(EngineMixin, SynchronousTestCase):
 
     def test_shard_on_another_node(self) -> None:
         """
-        Shards the map places on another node are unavailable to a
-        single-node engine: the read uses parity and reports them.
+        Shards the map places on another node are unavailable to an engine
+        without peers: the read uses parity, and does not report them as
+        damaged (their node is unreachable, the shards may well be fine).
         """
         engine = self.make_engine()
         data = _content(STRIPE + 5)
@@ -940,7 +973,7 @@ class ReaderTests(EngineMixin, SynchronousTestCase):
         record = dataclasses.replace(record, shard_map=stored)
         with capturedLogs():
             self.assertEqual(self.get(engine, record), data)
-        self.assertEqual(self.reports, [(record.hash, 0, 0)])
+        self.assertEqual(self.reports, [])
 
     def test_decodes_with_parity(self) -> None:
         """
@@ -1027,10 +1060,10 @@ class ReaderTests(EngineMixin, SynchronousTestCase):
         record = self.put(writer_engine, data)
         reader = engine.read(record)
         first = ensureDeferred(reader.__anext__())
-        self.assertEqual(io.names(), ["_fetch"])
+        self.assertEqual(io.names(), ["_read_local"])
         io.run_job()
         self.assertEqual(self.successResultOf(first), data[: STRIPE // K])
-        self.assertEqual(io.names(), ["_fetch"])  # stripe 1, read ahead
+        self.assertEqual(io.names(), ["_read_local"])  # stripe 1, read ahead
         closing = ensureDeferred(reader.aclose())
         self.assertNoResult(closing)
         self.assertTrue(all(r._fd is not None for r in reader._readers.values()))

@@ -80,11 +80,11 @@ import os
 import secrets
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -92,8 +92,9 @@ from anvil.errors import AnvilError
 from anvil.meta.records import ContentRecord
 from anvil.storage.cpu import CpuPool, PoolStopped
 from anvil.storage.erasure import Block, ErasureCodec, ErasureParams
-from anvil.storage.placement import LocalPlacement, Placement, ShardMap
+from anvil.storage.placement import LocalPlacement, NoPlacement, Placement, ShardMap, ShardTarget
 from anvil.storage.ranges import data_block_slices, stripe_slices
+from anvil.storage.remote import PeerDirectory, RemoteShardSource, ShardUnavailable
 from anvil.storage.shardfile import (
     BadShardHeader,
     CorruptShard,
@@ -108,6 +109,7 @@ __all__ = [
     "ContentUnavailable",
     "ContentWriter",
     "StorageEngine",
+    "WriteQuorumLost",
     "WriterClosed",
 ]
 
@@ -146,6 +148,22 @@ class ContentUnavailable(AnvilError):
         )
         self.content_hash = content_hash
         self.stripe = stripe
+
+
+class WriteQuorumLost(AnvilError):
+    """
+    Fewer shards than the write quorum could be stored: the write fails and
+    nothing becomes visible. The S3 layer answers 503.
+    """
+
+    def __init__(self, stored: int, needed: int, reasons: Mapping[int, str]) -> None:
+        detail = "; ".join(f"shard {i}: {r}" for i, r in sorted(reasons.items()))
+        super().__init__(
+            f"only {stored} shards could be stored, the write quorum is {needed}"
+            + (f" ({detail})" if detail else "")
+        )
+        self.stored = stored
+        self.needed = needed
 
 
 class WriterClosed(AnvilError):
@@ -245,6 +263,18 @@ class _Slot:
         finally:
             self.done.callback(None)
 
+    async def run_async(self, fn: Callable[..., Any], *args: object) -> Any:
+        """
+        Await C{fn(*args)} (a coroutine function) once the previous slot's
+        job is done.
+        """
+        self._used = True
+        try:
+            await self._previous
+            return await fn(*args)
+        finally:
+            self.done.callback(None)
+
     def skip(self) -> None:
         """
         Give up the slot: the next one runs after the previous one.
@@ -286,6 +316,24 @@ def _abort_writers(writers: list[ShardWriter]) -> int:
     return count
 
 
+def _write_local_blocks(
+    targets: Sequence[tuple[int, ShardWriter]], blocks: Sequence[Block]
+) -> list[tuple[int, str]]:
+    """
+    Append one stripe's blocks to local shard files (in the io pool).
+
+    @return: The shard indices whose file failed, with the reason; the
+        others are written.
+    """
+    failures = []
+    for index, writer in targets:
+        try:
+            writer.write_block(blocks[index])
+        except OSError as e:
+            failures.append((index, f"{writer.path}: {e.strerror or e}"))
+    return failures
+
+
 def _finalize_writer(writers: list[ShardWriter], log: Logger) -> None:
     """
     Finalizer of a L{ContentWriter} dropped without commit or abort.
@@ -324,6 +372,9 @@ class StorageEngine:
         *,
         placement: Placement | None = None,
         max_stripes_in_flight: int = MAX_STRIPES_IN_FLIGHT,
+        peers: Any = None,
+        directory: PeerDirectory | None = None,
+        write_quorum: int = 0,
     ) -> None:
         """
         @param params: Erasure geometry of new contents.
@@ -340,6 +391,11 @@ class StorageEngine:
             L{LocalPlacement} with its own node id, which is recorded in
             shard maps.
         @param max_stripes_in_flight: Bound on each writer's pipeline.
+        @param peers: An L{anvil.cluster.peers.PeerClient} for shards
+            placed on other nodes (L{None}: every shard is local).
+        @param directory: Finds the cluster address of a node id.
+        @param write_quorum: Shards that must be stored for a write to
+            succeed; C{0} means C{k + 1} (at most C{k + m}).
         """
         if inline_threshold < 0:
             raise ValueError(f"inline_threshold must not be negative, not {inline_threshold}")
@@ -354,6 +410,27 @@ class StorageEngine:
         self._io = io
         self._on_corrupt = on_corrupt
         self._codecs: dict[ErasureParams, ErasureCodec] = {}
+        self.peers = peers
+        self.directory = directory
+        self._write_quorum = write_quorum
+
+    def quorum(self, params: ErasureParams) -> int:
+        """
+        @param params: A content's geometry.
+        @return: How many of its shards a write must store.
+        """
+        if self._write_quorum:
+            return min(self._write_quorum, params.total)
+        return min(params.k + 1, params.total)
+
+    def address(self, node_id: str) -> str | None:
+        """
+        @param node_id: A node holding shards.
+        @return: Its cluster address when it can be asked now, else L{None}.
+        """
+        if self.peers is None or self.directory is None:
+            return None
+        return self.directory.address(node_id)
 
     def codec(self, params: ErasureParams) -> ErasureCodec:
         """
@@ -394,18 +471,40 @@ class StorageEngine:
             raise ValueError(f"range {start}:{stop} outside a content of {content.size} bytes")
         return ContentReader(self, content, start, stop)
 
-    async def delete_content(self, content_hash: str) -> int:
+    async def delete_content(self, content_hash: str, shard_map: Mapping[str, object] | None = None) -> int:
         """
-        Remove every local shard file of a content (for the garbage
-        collector, once nothing references it).
+        Remove every shard file of a content, here and on the other nodes
+        its shard map names (for the garbage collector, once nothing
+        references it).
+
+        A node that cannot be reached keeps its files; they are orphans the
+        collector of that node finds by listing its shards.
 
         @param content_hash: SHA-256 hex of the content.
+        @param shard_map: The content's recorded shard map.
         @return: Number of files removed.
         """
         digest = bytes.fromhex(content_hash)
         if len(digest) != 32:
             raise ValueError(f"not a SHA-256 hex digest: {content_hash!r}")
-        return await _Work(self._io.run(self._delete_files, digest)).wait()
+        removed = await _Work(self._io.run(self._delete_files, digest)).wait()
+        nodes = ShardMap.from_json(shard_map).nodes() if shard_map else set()
+        for node in sorted(nodes - {self.placement.node_id}):
+            address = self.address(node)
+            if address is None:
+                self._log.info(
+                    "content {content_hash}: node {node} unreachable, its shards stay as orphans",
+                    content_hash=content_hash, node=node,
+                )
+                continue
+            try:
+                removed += await self.peers.delete_content(address, digest)
+            except Exception as e:
+                self._log.warn(
+                    "content {content_hash}: deleting shards on {node} failed: {error}",
+                    content_hash=content_hash, node=node, error=str(e),
+                )
+        return removed
 
     def _delete_files(self, digest: bytes) -> int:
         # The shard count of a content is not needed: its files are the
@@ -503,7 +602,14 @@ class ContentWriter:
         self._free: list[bytearray] = []
         self._in_flight: deque[_Work[None]] = deque()
         self._work: set[_Work[Any]] = set()
+        # Local shard writers (also seen by the finalizer), and every target
+        # still in the write by shard index: a ShardWriter here, a peer's
+        # ShardUpload there. A target that fails moves to _lost; the write
+        # goes on while the quorum can still be met.
         self._writers: list[ShardWriter] = []
+        self._targets: dict[int, Any] = {}
+        self._lost: dict[int, str] = {}
+        self._quorum = engine.quorum(params)
         self._opened = False
         self._shard_map: ShardMap | None = None
         self._hash_order = _Sequence()
@@ -552,6 +658,8 @@ class ContentWriter:
                 self._state = "failed"
 
     def _check(self) -> None:
+        if isinstance(self._error, WriteQuorumLost):
+            raise self._error
         if self._error is not None:
             raise WriterClosed(f"content writer is {self._state}: {self._error!r}") from self._error
 
@@ -612,9 +720,11 @@ class ContentWriter:
             return
         if not self._opened:
             self._opened = True
-            total = self._params.total
-            self._shard_map = self._engine.placement.choose(self._key, total)
-            await self._track(self._io.run(self._open_writers, self._shard_map)).wait()
+            try:
+                self._shard_map = self._engine.placement.choose(self._key, self._params.total)
+            except NoPlacement as e:
+                raise WriteQuorumLost(0, self._quorum, {}) from e
+            await self._open_targets(self._shard_map)
             self._check()
         while self._held:
             buffer, length = self._held.pop(0)
@@ -625,16 +735,58 @@ class ContentWriter:
                     self._in_flight.popleft()
                 self._check()
 
-    def _open_writers(self, shard_map: ShardMap) -> None:
+    async def _open_targets(self, shard_map: ShardMap) -> None:
+        """
+        Open a temporary shard file for each local target and start a
+        streamed upload to each remote one.
+        """
+        placement = self._engine.placement
+        local = [t for t in shard_map.targets if placement.is_local(t)]
+        if local:
+            await self._track(self._io.run(self._open_writers, local)).wait()
+        for target in shard_map.targets:
+            if placement.is_local(target):
+                continue
+            address = self._engine.address(target.node)
+            if address is None:
+                self._lose(target.index, f"node {target.node} is not reachable")
+                continue
+            self._targets[target.index] = self._engine.peers.open_upload(
+                address, self._key, target.index, self._params
+            )
+        self._check_quorum()
+
+    def _lose(self, index: int, reason: str) -> None:
+        """
+        Give up one target: the write goes on without it (while the quorum
+        can still be met) and its partial shard is dropped.
+        """
+        if index in self._lost:
+            return
+        self._lost[index] = reason
+        self._log.warn(
+            "shard {index} of an upload dropped: {reason}", index=index, reason=reason
+        )
+        target = self._targets.pop(index, None)
+        if isinstance(target, ShardWriter):
+            self._writers.remove(target)
+            self._track(self._io.run(target.abort))
+        elif target is not None:
+            self._track(Deferred.fromCoroutine(target.abort()))
+
+    def _check_quorum(self) -> None:
+        stored = self._params.total - len(self._lost)
+        if stored < self._quorum:
+            raise WriteQuorumLost(stored, self._quorum, self._lost)
+
+    def _open_writers(self, targets: Sequence[ShardTarget]) -> None:
         # In the io pool. The writers are published one by one in the list
         # the finalizer and abort() see, so none can leak.
         store = self._engine.shards
-        for target in shard_map.targets:
-            if not self._engine.placement.is_local(target):
-                # Sending shards to peers comes with the cluster.
-                raise RuntimeError(f"shard {target.index} placed on node {target.node}, not here")
+        for target in targets:
             writer = store.open_writer(target.index, self._params, self._key)
             self._writers.append(writer)
+            self._targets[target.index] = writer
             actual = os.path.dirname(os.path.dirname(writer.path))
             if actual != target.dir:
                 raise RuntimeError(
@@ -665,7 +817,7 @@ class ContentWriter:
                 except BaseException:
                     slot.skip()
                     raise
-                await slot.run(self._io, self._write_blocks, blocks)
+                await slot.run_async(self._send_blocks, blocks)
                 # The data blocks are views of the buffer: drop them before
                 # the buffer is reused.
                 del blocks
@@ -683,12 +835,47 @@ class ContentWriter:
         for hasher in self._hashers:
             hasher.update(data)
 
-    def _write_blocks(self, blocks: Sequence[Block]) -> None:
-        # In the io pool, one stripe at a time (the write sequence).
+    async def _send_blocks(self, blocks: Sequence[Block]) -> None:
+        """
+        Hand one stripe's blocks to their targets (one stripe at a time,
+        the write sequence): local ones in one io-pool job, remote ones to
+        their uploads, which return once the peer's connection takes more.
+        """
         if self._error is not None:
             return
-        for writer, block in zip(self._writers, blocks, strict=True):
-            writer.write_block(block)
+        local = [(i, t) for i, t in self._targets.items() if isinstance(t, ShardWriter)]
+        waits: list[tuple[int, Deferred[Any]]] = []
+        if local:
+            waits.append((-1, self._io.run(_write_local_blocks, local, blocks)))
+        for index, target in list(self._targets.items()):
+            if not isinstance(target, ShardWriter):
+                # A copy: the data blocks are views of a buffer that is
+                # reused once this stripe is done, and a transport may
+                # hold on to what it was given.
+                waits.append((index, Deferred.fromCoroutine(target.write_block(bytes(blocks[index])))))
+        for index, d in waits:
+            try:
+                failures = await d
+            except Exception as e:
+                self._lose(index, f"{type(e).__name__}: {e}")
+            else:
+                for failed, reason in failures or ():
+                    self._lose(failed, reason)
+        self._check_quorum()
+
+    async def _end_uploads(self) -> None:
+        """
+        End every remote upload's body and wait until each peer holds its
+        whole shard (not yet committed).
+        """
+        remote = [(i, t) for i, t in self._targets.items() if not isinstance(t, ShardWriter)]
+        ends = [(i, Deferred.fromCoroutine(t.finish())) for i, t in remote]
+        for index, d in ends:
+            try:
+                await d
+            except Exception as e:
+                self._lose(index, f"{type(e).__name__}: {e}")
+        self._check_quorum()
 
     async def _settle_stripes(self) -> None:
         while self._in_flight:
@@ -717,8 +904,16 @@ class ContentWriter:
                 await self._drain()
                 await self._settle_stripes()
                 self._check()
-                shard_map = self._shard_map
-                assert shard_map is not None
+                await self._end_uploads()
+                self._check()
+                assert self._shard_map is not None
+                shard_map = ShardMap(
+                    tuple(
+                        ShardTarget(t.index, "", "") if t.index in self._lost else t
+                        for t in self._shard_map.targets
+                    ),
+                    self._shard_map.key,
+                )
             else:
                 inline = b"".join(memoryview(buffer)[:length] for buffer, length in self._held)
                 self._held.clear()
@@ -767,15 +962,14 @@ class ContentWriter:
         """
         self._begin("finished")
         try:
-            if self._writers:
-                if dedup:
+            remote = [(i, t) for i, t in self._targets.items() if not isinstance(t, ShardWriter)]
+            if dedup:
+                if self._writers:
                     await self._track(self._io.run(_abort_writers, self._writers)).wait()
-                else:
-                    assert self._digest is not None
-                    await self._track(
-                        self._io.run(self._engine.shards.commit_all, list(self._writers), self._digest, self.size)
-                    ).wait()
-                    self._writers.clear()
+                await DeferredList([Deferred.fromCoroutine(t.abort()) for _, t in remote])
+            elif self._writers or remote:
+                await self._commit_targets(remote)
+            self._targets.clear()
             self._check()
             self._state = "committed"
             self._finalizer.detach()
@@ -784,6 +978,42 @@ class ContentWriter:
             raise
         finally:
             self._busy = False
+
+    async def _commit_targets(self, remote: list[tuple[int, Any]]) -> None:
+        """
+        Commit every target (local files in one io job, peers' shards in
+        parallel); fail unless the quorum committed. Shards committed by a
+        write that then fails are orphans for the garbage collector.
+        """
+        digest = self._digest
+        assert digest is not None
+        local = list(self._writers)
+        jobs: list[tuple[list[int], Deferred[Any]]] = []
+        if local:
+            jobs.append(
+                ([w.shard_index for w in local],
+                 self._track(self._io.run(self._engine.shards.commit_all, local, digest, self.size)).wait())
+            )
+        for index, target in remote:
+            jobs.append(([index], Deferred.fromCoroutine(target.commit(digest, self.size))))
+        committed = 0
+        failed: dict[int, str] = dict(self._lost)
+        for indices, d in jobs:
+            try:
+                await d
+            except Exception as e:
+                for index in indices:
+                    failed[index] = f"commit failed: {type(e).__name__}: {e}"
+            else:
+                committed += len(indices)
+        self._writers.clear()
+        if committed < self._quorum:
+            raise WriteQuorumLost(committed, self._quorum, failed)
+        if len(failed) > len(self._lost):
+            self._log.warn(
+                "content {content_hash} committed with {committed} shards: {failed}",
+                content_hash=digest.hex(), committed=committed, failed=failed,
+            )
 
     async def abort(self) -> None:
         """
@@ -815,6 +1045,9 @@ class ContentWriter:
             # The node is shutting down: remove the files here rather than
             # leave them to the next start's sweep.
             _abort_writers(self._writers)
+        remote = [t for t in self._targets.values() if not isinstance(t, ShardWriter)]
+        self._targets.clear()
+        await DeferredList([Deferred.fromCoroutine(t.abort()) for t in remote])
         self._finalizer.detach()
         self._held.clear()
         self._free.clear()
@@ -825,11 +1058,19 @@ class ContentWriter:
 class _Problem:
     """
     An unusable shard or block met by a read (reported on the reactor).
+
+    @ivar drop: Do not use the shard again for this read (missing,
+        unreadable, unreachable); otherwise only that block is bad and the
+        shard becomes a last resort.
+    @ivar report: The shard itself is damaged or missing (count it and
+        queue a repair), as opposed to its node being unreachable.
     """
 
     shard_index: int
     stripe: int
     reason: str
+    drop: bool = True
+    report: bool = True
 
 
 @dataclass
@@ -895,6 +1136,7 @@ class ContentReader:
         self._start, self._stop = start, stop
         self._chunks: deque[bytes] = deque()
         self._readers: dict[int, ShardReader] = {}
+        self._sources: dict[int, RemoteShardSource] = {}
         self._fetching: _Work[_Fetched] | None = None
         self._closing: _Work[None] | None = None
         self._closed = False
@@ -910,9 +1152,18 @@ class ContentReader:
         self._digest = bytes.fromhex(content.hash)
         self._map = ShardMap.from_json(content.shard_map)
         self._slices = deque(stripe_slices(start, stop - 1, self._params.stripe_size))
-        # Shards to read from, best first: data shards, then parity. A shard
-        # with a bad block moves to the end, a missing one is removed.
-        self._order = list(range(self._params.total))
+        self._last_stripe = self._slices[-1].stripe_index if self._slices else 0
+        # Shards to read from, best first: data shards (no decoding), then
+        # parity held here, then parity on peers. A shard with a bad block
+        # moves to the end, a missing or unreachable one is removed.
+        k = self._params.k
+        self._order = sorted(
+            (
+                i for i in range(self._params.total)
+                if (target := self._map.target(i)) is None or not target.missing
+            ),
+            key=lambda i: (i >= k, not self._is_local(i), i),
+        )
 
     def __aiter__(self) -> ContentReader:
         return self
@@ -940,7 +1191,14 @@ class ContentReader:
                 if self._slices and not self._closed:
                     self._fetching = self._start_fetch()
                 for problem in fetched.problems:
-                    self._engine._report(self._hash, problem.shard_index, problem.stripe, problem.reason)
+                    if problem.report:
+                        self._engine._report(self._hash, problem.shard_index, problem.stripe, problem.reason)
+                    else:
+                        self._engine._log.info(
+                            "content {content_hash} shard {shard_index} unavailable: {reason}",
+                            content_hash=self._hash, shard_index=problem.shard_index,
+                            reason=problem.reason,
+                        )
                 chunks = await self._assemble(fetched)
                 if self._closed:
                     raise StopAsyncIteration
@@ -956,7 +1214,9 @@ class ContentReader:
         piece = self._slices.popleft()
         length = self._params.stripe_length(piece.stripe_index, self._content.size)
         return _Work(
-            self._engine._io.run(self._fetch, piece.stripe_index, piece.lo, min(piece.hi, length), length)
+            Deferred.fromCoroutine(
+                self._fetch(piece.stripe_index, piece.lo, min(piece.hi, length), length)
+            )
         )
 
     async def _assemble(self, fetched: _Fetched) -> list[bytes]:
@@ -982,12 +1242,17 @@ class ContentReader:
             ).wait()
         return _slice_parts(parts, fetched.lo, fetched.hi)
 
-    # -- in the io pool ----------------------------------------------------------
+    # -- fetching ----------------------------------------------------------------
 
-    def _fetch(self, stripe: int, lo: int, hi: int, stripe_len: int) -> _Fetched:
+    def _is_local(self, index: int) -> bool:
+        target = self._map.target(index)
+        return target is None or self._engine.placement.is_local(target)
+
+    async def _fetch(self, stripe: int, lo: int, hi: int, stripe_len: int) -> _Fetched:
         """
-        Read the blocks a stripe slice needs: the data blocks covering it if
-        they are preferred and good, else C{k} blocks in preference order.
+        Get the blocks a stripe slice needs: the data blocks covering it if
+        they are preferred and good, else C{k} blocks in preference order
+        (asking for as many at once as are still missing).
         """
         k = self._params.k
         problems: list[_Problem] = []
@@ -995,42 +1260,86 @@ class ContentReader:
         needed = [s.block_index for s in data_block_slices(stripe_len, k, lo, hi)]
         preferred = self._order[:k]
         if all(i in preferred for i in needed):
-            for i in needed:
-                block = self._try_read(i, stripe, problems)
-                if block is None:
-                    break
-                blocks[i] = block
-            else:
+            blocks.update(await self._read_blocks(needed, stripe, problems))
+            if len(blocks) == len(needed):
                 return _Fetched(stripe, lo, hi, stripe_len, blocks, True, problems)
-        for i in list(self._order):
-            if len(blocks) >= k:
+        while len(blocks) < k:
+            tried = {p.shard_index for p in problems}
+            candidates = [i for i in self._order if i not in blocks and i not in tried]
+            if not candidates:
                 break
-            if i in blocks or any(p.shard_index == i for p in problems):
-                continue
-            block = self._try_read(i, stripe, problems)
-            if block is not None:
-                blocks[i] = block
+            blocks.update(await self._read_blocks(candidates[: k - len(blocks)], stripe, problems))
         return _Fetched(stripe, lo, hi, stripe_len, blocks, False, problems)
 
-    def _try_read(self, index: int, stripe: int, problems: list[_Problem]) -> bytes | None:
-        try:
-            reader = self._readers.get(index)
-            if reader is None:
-                reader = self._readers[index] = self._open(index)
-            return reader.read_block(stripe)
-        except CorruptShard as e:
-            if e.stripe_index is not None:
-                # One bad block: the rest of the file may be good. Use the
+    async def _read_blocks(self, indices: Sequence[int], stripe: int, problems: list[_Problem]) -> dict[int, bytes]:
+        """
+        Read one stripe's block of each of C{indices} at once: local ones in
+        one io-pool job, remote ones from their peers.
+
+        @return: The blocks read; the failures are added to C{problems} and
+            applied to the preference order.
+        """
+        local = [i for i in indices if self._is_local(i)]
+        waits: list[tuple[int, Deferred[Any]]] = []
+        if local:
+            waits.append((-1, self._engine._io.run(self._read_local, local, stripe)))
+        for index in indices:
+            if index not in local:
+                waits.append((index, Deferred.fromCoroutine(self._read_remote(index, stripe))))
+        got: dict[int, bytes] = {}
+        new: list[_Problem] = []
+        for index, d in waits:
+            if index == -1:
+                blocks, failed = await d
+                got.update(blocks)
+                new.extend(failed)
+                continue
+            try:
+                got[index] = await d
+            except ShardUnavailable as e:
+                new.append(_Problem(index, stripe, str(e), drop=not e.corrupt or e.stripe == stripe, report=e.corrupt))
+        for problem in new:
+            if problem.drop:
+                self._drop(problem.shard_index)
+            elif problem.shard_index in self._order:
+                # One bad block: the rest of the shard may be good. Use the
                 # others for the rest of the read, this one as a last resort.
-                self._order.remove(index)
-                self._order.append(index)
-            else:
-                self._drop(index)
-            problems.append(_Problem(index, stripe, str(e)))
-        except (ShardNotFound, OSError) as e:
-            self._drop(index)
-            problems.append(_Problem(index, stripe, str(e)))
-        return None
+                self._order.remove(problem.shard_index)
+                self._order.append(problem.shard_index)
+        problems.extend(new)
+        return got
+
+    async def _read_remote(self, index: int, stripe: int) -> bytes:
+        source = self._sources.get(index)
+        if source is None:
+            target = self._map.target(index)
+            assert target is not None
+            address = self._engine.address(target.node)
+            if address is None:
+                raise ShardUnavailable(f"node {target.node} is not reachable", stripe, False)
+            source = self._sources[index] = RemoteShardSource(
+                self._engine.peers, address, self._digest, index, self._params,
+                self._content.size, self._last_stripe,
+            )
+        return await source.block(stripe)
+
+    def _read_local(self, indices: Sequence[int], stripe: int) -> tuple[dict[int, bytes], list[_Problem]]:
+        # In the io pool. Only this job touches the local readers while it
+        # runs (one fetch at a time); the preference order is changed on the
+        # reactor from what it returns.
+        blocks: dict[int, bytes] = {}
+        problems: list[_Problem] = []
+        for index in indices:
+            try:
+                reader = self._readers.get(index)
+                if reader is None:
+                    reader = self._readers[index] = self._open(index)
+                blocks[index] = reader.read_block(stripe)
+            except CorruptShard as e:
+                problems.append(_Problem(index, stripe, str(e), drop=e.stripe_index is None))
+            except (ShardNotFound, OSError) as e:
+                problems.append(_Problem(index, stripe, str(e)))
+        return blocks, problems
 
     def _drop(self, index: int) -> None:
         if index in self._order:
@@ -1038,6 +1347,9 @@ class ContentReader:
         reader = self._readers.pop(index, None)
         if reader is not None:
             reader.close()
+        source = self._sources.pop(index, None)
+        if source is not None:
+            source.close()
 
     def _open(self, index: int) -> ShardReader:
         """
@@ -1048,10 +1360,6 @@ class ContentReader:
         target = self._map.target(index)
         reader: ShardReader | None = None
         if target is not None:
-            if not self._engine.placement.is_local(target):
-                # Reading from peers comes with the cluster; until then a
-                # shard held by another node is unavailable here.
-                raise ShardNotFound(self._digest, index)
             if target.dir in store.data_dirs:
                 try:
                     reader = ShardReader(store.shard_path(target.dir, self._digest, index))
@@ -1087,6 +1395,9 @@ class ContentReader:
             await self._fetching.settle()
             self._fetching = None
         _close_readers(self._readers)
+        for source in self._sources.values():
+            source.close()
+        self._sources.clear()
         self._finalizer.detach()
 
     async def aclose(self) -> None:
