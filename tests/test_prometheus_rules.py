@@ -210,7 +210,7 @@ def selectors(expr: str) -> list[Selector]:
     for match in _SELECTOR.finditer(expr):
         if match.group(1):
             found.append(Selector(match.group(1), tuple(_MATCHER.findall(match.group(2)))))
-    rest = _SELECTOR.sub(lambda m: " " if m.group(1) else " ", expr)
+    rest = _SELECTOR.sub(" ", expr)
     rest = re.sub(r"\[[^\]]*\]", " ", rest)
     rest = _GROUPING.sub(" ", rest)
     for name in _IDENTIFIER.findall(rest):
@@ -586,6 +586,9 @@ class DashboardTests(SynchronousTestCase, CheckReferences):
     """
 
     def setUp(self) -> None:
+        """
+        Load the dashboard.
+        """
         with open(DASHBOARD) as f:
             self.dashboard = json.load(f)
 

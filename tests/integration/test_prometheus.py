@@ -72,6 +72,9 @@ class PrometheusProcess:
 
     @property
     def url(self) -> str:
+        """
+        The base URL of the server's HTTP API.
+        """
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "PrometheusProcess":
@@ -117,6 +120,9 @@ class PrometheusProcess:
             self.process.wait()
 
     def output(self) -> str:
+        """
+        The server's log so far, for failure messages.
+        """
         try:
             with open(self.log_path, errors="replace") as f:
                 return f.read()
@@ -261,7 +267,7 @@ class PrometheusScrapeTests(SynchronousTestCase):
         # ones charting per-node gauges return the node's data.
         with open(DASHBOARD) as f:
             queries = dashboard_expressions(json.load(f))
-        for title, expr in queries:
+        for _, expr in queries:
             server.query(grafana_to_promql(expr))
         self.assertTrue(
             server.query(grafana_to_promql('sum(anvil_node_ready{job=~"$job", instance=~"$instance"})'))
