@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -188,10 +188,16 @@ class _BodyReader(Protocol):
         self.done: Deferred[None] = Deferred(self._cancel)
 
     def dataReceived(self, data: bytes) -> None:
+        """
+        A piece of the body: progress.
+        """
         self._watchdog.poke()
         self._on_data(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        """
+        The body is complete (C{ResponseDone}) or was cut short.
+        """
         if self.done.called:
             return
         if reason.check(ResponseDone):
@@ -570,19 +576,35 @@ class _FrameProducer:
         self.done: Deferred[None] | None = None
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        """
+        The request is being sent: frames may now be written to C{consumer}.
+
+        @return: Fired by L{ShardUpload.finish} once the end frame is written.
+        """
         self.consumer = consumer
         self.done = Deferred(lambda d: self._upload._fail_from_producer("cancelled"))
         self._upload._wake()
         return self.done
 
     def pauseProducing(self) -> None:
+        """
+        The connection's send buffer is full: L{ShardUpload.write_block}
+        waits.
+        """
         self.paused = True
 
     def resumeProducing(self) -> None:
+        """
+        The connection can take more: let a waiting writer go on.
+        """
         self.paused = False
         self._upload._wake()
 
     def stopProducing(self) -> None:
+        """
+        The connection is gone (or the peer answered early): the upload
+        fails.
+        """
         self.stopped = True
         self._upload._fail_from_producer("stopped")
 

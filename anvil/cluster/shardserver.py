@@ -92,7 +92,7 @@ from twisted.web.server import NOT_DONE_YET
 from anvil.storage.cpu import CpuPool
 from anvil.storage.erasure import ErasureParams, InvalidErasureParams
 from anvil.storage.ranges import block_length, stripe_length
-from anvil.storage.shardfile import CorruptShard, ShardHeader, ShardReader, ShardWriter
+from anvil.storage.shardfile import CorruptShard, ShardHeader, ShardWriter
 from anvil.storage.shardstore import LocalShardStore, ShardNotFound, shard_cursor
 from anvil.web.body import BodyIncomplete
 
@@ -456,7 +456,9 @@ class ShardServer(Resource):
                 raise _Refused(409, "conflict", "This upload is still receiving.")
             self._drop(key, index, existing)
             await self._io.run(existing.writer.abort)
-        self._committed.pop((key, index), None)
+        recent = self._committed.pop((key, index), None)
+        if recent is not None and recent.expiry is not None and recent.expiry.active():
+            recent.expiry.cancel()
         frame_size = FRAME_HEADER.size + params.block_size
         body = request.body
         # At most about two frames wait in memory: the one being written
