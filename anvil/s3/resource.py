@@ -54,14 +54,14 @@ from anvil.s3.errors import (
 from anvil.s3.request import MAX_KEY_BYTES, Address, Query, parse_address, split_target
 from anvil.s3.sigv4 import header_map
 from anvil.s3.xml import XML_CONTENT_TYPE
-from anvil.storage.engine import ContentUnavailable
+from anvil.storage.engine import ContentUnavailable, WriteQuorumLost
 
 if TYPE_CHECKING:
     from anvil.s3.service import S3Service
 
 
 #: Domain failures that mean "this node cannot serve now": 503, not 500.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (DatabaseUnavailable, ContentUnavailable)
+_UNAVAILABLE: tuple[type[BaseException], ...] = (DatabaseUnavailable, ContentUnavailable, WriteQuorumLost)
 
 
 def _client_gone_errors() -> tuple[type[BaseException], ...]:

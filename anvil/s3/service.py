@@ -155,6 +155,9 @@ def build_s3(
     node_id: str = "local",
     on_corrupt: Any = None,
     virtual_host_domains: Sequence[str] | None = None,
+    placement: Any = None,
+    peers: Any = None,
+    directory: Any = None,
 ) -> S3Service:
     """
     Build the S3 service of a node from its configuration and open
@@ -176,6 +179,11 @@ def build_s3(
         stripe)} for each corrupt shard block found on read.
     @param virtual_host_domains: base domains for virtual-host style
         addressing (default: L{default_virtual_host_domains}).
+    @param placement: chooses shard targets (default: every shard on this
+        node).
+    @param peers: the L{anvil.cluster.peers.PeerClient} for shards on
+        other nodes.
+    @param directory: finds peers' cluster addresses.
     @return: the service; mount C{service.resource()}.
     """
     from anvil.meta.buckets import BucketStore
@@ -195,7 +203,10 @@ def build_s3(
         io,
         inline_threshold=config.storage.inline_threshold,
         on_corrupt=on_corrupt,
-        placement=LocalPlacement(node_id, shards),
+        placement=placement if placement is not None else LocalPlacement(node_id, shards),
+        peers=peers,
+        directory=directory,
+        write_quorum=config.cluster.write_quorum,
     )
     return S3Service(
         config,

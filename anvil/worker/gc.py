@@ -366,13 +366,14 @@ class GarbageCollector:
 
     async def _remove_files(self, content: ContentRecord, report: GcReport) -> int:
         """
-        Unlink a content's local shard files; a failure is logged, not
+        Unlink a content's shard files, here and on the peers its shard
+        map names; a failure is logged, not
         raised, so that the row's deletion still commits (leftover files
         are orphans; a row without its files would be data loss for the
         next writer deduplicating onto it).
         """
         try:
-            return await self._engine.delete_content(content.hash)
+            return await self._engine.delete_content(content.hash, content.shard_map)
         except Exception:
             report.errors += 1
             self._log.failure(
