@@ -341,12 +341,12 @@ class GarbageCollectorTests(TestCase):
             (letting the collector commit).
             """
 
-            async def delete_content(self, content_hash: str) -> int:
+            async def delete_content(self, content_hash: str, shard_map: Any = None) -> int:
                 writes.append(Deferred.fromCoroutine(test.put("b", BIG)))
                 await test.wait_for_lock_waiter()
                 # The writer cannot have committed anything yet: it waits.
                 test.assertFalse(writes[0].called)
-                removed = await test.engine.delete_content(content_hash)
+                removed = await test.engine.delete_content(content_hash, shard_map)
                 test.assertEqual(test.shard_files(content_hash), [])
                 return removed
 
