@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from urllib.parse import quote
 from dataclasses import dataclass
 from typing import Any
 
@@ -540,7 +541,7 @@ class PeerClient:
         @return: C{(hash hex, index, file size)} triples.
         @raise PeerError: The peer could not be asked.
         """
-        url = self.url(addr, f"?after={after}&limit={limit}")
+        url = self.url(addr, f"?after={quote(after, safe='')}&limit={int(limit)}")
         _, _, body = await self.request("shard_list", "GET", url)
         return [(str(h), int(i), int(s)) for h, i, s in json.loads(body)["shards"]]
 
@@ -750,7 +751,8 @@ class ShardUpload:
         Send the next stripe's block.
 
         Returns once the frame is handed to the connection and the
-        connection can take more: a slow peer makes this wait.
+        connection can take more: a slow peer makes this wait. One call at
+        a time (await each before the next).
 
         @param block: The block (C{stripe_size // k} bytes, or fewer for the
             last stripe).
@@ -758,6 +760,8 @@ class ShardUpload:
         """
         if self._finished:
             raise ValueError("write_block after finish")
+        if self._waiter is not None:
+            raise RuntimeError("write_block called while another write_block waits")
         size = len(block) if isinstance(block, bytes) else memoryview(block).nbytes
         if not 0 < size <= self.params.block_size:
             raise ValueError(f"block of {size} bytes, expected 1..{self.params.block_size}")
