@@ -530,6 +530,12 @@ class LocalCluster:
                     f"a cluster already runs in {self.root} (supervisor pid "
                     f"{state['supervisor_pid']}); stop it first (Ctrl-C or {PROG} stop {self.root})."
                 )
+            for record in state["nodes"]:
+                if process_alive(record.get("pid"), record["data_dir"]):
+                    raise LocalClusterError(
+                        f"node {record['index']} of an earlier run still runs (pid "
+                        f"{record['pid']}): stop it first ({PROG} stop {self.root})."
+                    )
             for option, given, kept in (
                 ("--nodes", nodes, len(state["nodes"])),
                 ("--base-port", base_port, state["base_port"]),

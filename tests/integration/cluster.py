@@ -57,6 +57,12 @@ FAST_GOSSIP: dict[str, str] = {
 _SHARD_FILE = re.compile(r"^[0-9a-f]{64}\.[0-9]{1,3}$")
 
 
+class _Fatal(Exception):
+    """
+    Raised by a L{wait_until} check when waiting longer cannot help.
+    """
+
+
 def wait_until(
     check: Callable[[], T | None],
     timeout: float,
@@ -76,6 +82,8 @@ def wait_until(
     while True:
         try:
             value = check()
+        except _Fatal as e:
+            raise AssertionError(f"{what}: {e}") from None
         except Exception as e:  # noqa: BLE001 - reported if it never succeeds
             value, last = None, e
         else:
@@ -344,9 +352,15 @@ class Cluster:
         """
         nodes = nodes if nodes is not None else self.running()
         expected = {n.node_id for n in nodes}
+
+        def converged(node: ClusterNode) -> bool:
+            if not node.running:
+                raise _Fatal(f"node {node.index} exited:\n{node.log_tail()}")
+            return expected <= self.alive_ids(node)
+
         for node in nodes:
             wait_until(
-                lambda: expected <= self.alive_ids(node),
+                lambda: converged(node),
                 timeout,
                 f"node {node.index} seeing {len(expected)} members alive",
                 interval=0.3,
