@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -607,81 +608,39 @@ class ConcurrencyTests(TestCase):
         one, deadlock in PostgreSQL; the transaction it aborts is retried
         and both writes succeed.
         """
-        barrier = _Barrier(2)
-        stores = [ObjectStore(_HeldDatabase(s._db, barrier)) for s in self.stores]  # type: ignore[attr-defined]
         await put(self.stores[0], 1, "a", b"y")
         await put(self.stores[0], 1, "b", b"x")
         ra, ca = object_of(1, "a", b"x")
         rb, cb = object_of(1, "b", b"y")
-        with capturedLogs() as events:
-            await gatherResults(
-                [
-                    Deferred.fromCoroutine(stores[0].put_object(ra, [ca])),
-                    Deferred.fromCoroutine(stores[1].put_object(rb, [cb])),
-                ]
+        blocker = await Database.connect(self.dsn, reactor, pool_size=2)
+        self.addCleanup(blocker.close)
+        writes: list[Deferred[Any]] = []
+
+        async def hold(cursor: Any) -> None:
+            # Each writer's statement adds its content reference, then waits
+            # for its key's row, locked here, before it can drop the old one.
+            await cursor.execute(
+                "SELECT id FROM objects WHERE bucket_id = 1 AND key IN ('a', 'b') "
+                "AND deleted_at IS NULL FOR UPDATE"
             )
-        self.assertEqual(barrier.arrived, 2)
+            writes.append(Deferred.fromCoroutine(self.stores[0].put_object(ra, [ca])))
+            writes.append(Deferred.fromCoroutine(self.stores[1].put_object(rb, [cb])))
+            for _ in range(1000):
+                [(waiting,)] = await blocker.run_query(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                if waiting == 2:
+                    return
+                await deferLater(reactor, 0.01)
+            self.fail("The writers never both waited for the locked rows.")
+
+        with capturedLogs() as events:
+            await blocker.run_interaction(hold)
+            await gatherResults(writes)
         self.assertEqual(
             [e["error"] for e in events if "Retrying" in e.get("log_format", "")], ["DeadlockDetected"]
         )
         self.assertEqual((await self.stores[0].get_object(1, "a")).etag, ra.etag)
         self.assertEqual((await self.stores[0].get_object(1, "b")).etag, rb.etag)
         self.assertEqual(await refcount_errors(self.db), [])
-
-
-class _Barrier:
-    """
-    Holds the first C{parties - 1} arrivals until the last one arrives,
-    once.
-    """
-
-    def __init__(self, parties: int) -> None:
-        self.parties = parties
-        self.arrived = 0
-        self._released: Deferred[None] = Deferred()
-
-    async def arrive(self) -> None:
-        if self.arrived >= self.parties:
-            return
-        self.arrived += 1
-        if self.arrived == self.parties:
-            self._released.callback(None)
-        else:
-            await self._released
-
-
-class _HeldCursor:
-    """
-    A cursor that waits at the barrier after adding content references.
-    """
-
-    def __init__(self, cursor: Any, barrier: _Barrier) -> None:
-        self._cursor = cursor
-        self._barrier = barrier
-
-    async def execute(self, sql: str, params: Any = None) -> None:
-        await self._cursor.execute(sql, params)
-        if "INSERT INTO contents" in sql:
-            await self._barrier.arrive()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cursor, name)
-
-
-class _HeldDatabase:
-    """
-    A database whose interactions use L{_HeldCursor}s.
-    """
-
-    def __init__(self, db: Database, barrier: _Barrier) -> None:
-        self._db = db
-        self._barrier = barrier
-
-    async def run_interaction(self, fn: Any, *args: Any) -> Any:
-        async def held(cursor: Any, *a: Any) -> Any:
-            return await fn(_HeldCursor(cursor, self._barrier), *a)
-
-        return await self._db.run_interaction(held, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._db, name)

@@ -519,10 +519,6 @@ def _content_params(contents: Iterable[ContentRecord], references: Mapping[str, 
 
 # -- SQL -----------------------------------------------------------------
 
-#: Serialises the writers of one key; released at the end of the
-#: transaction.  A hash collision between two keys only serialises them too.
-_KEY_LOCK = "pg_advisory_xact_lock(hashtextextended(%(key)s, %(bucket_id)s))"
-
 #: Add references to contents, creating the missing ones, locking them in
 #: hash order (the input is sorted and INSERT keeps its order).  inserted
 #: tells which rows are new (xmax is 0 only for a freshly inserted row).
@@ -596,25 +592,28 @@ SELECT (SELECT count(*) FROM net), (SELECT count(*) FROM released), (SELECT coun
 """
 )
 
+#: PutObject's whole transaction in one statement (the advisory lock, the
+#: content upsert, the swap of the key's live row; see the regional
+#: migration 0004_fast_put): one round trip, and plans PostgreSQL caches
+#: per connection instead of planning two large statements every time.
+_PUT_OBJECT = """
+SELECT * FROM anvil_put_object(
+    %(bucket_id)s, %(key)s, %(size)s, %(etag)s, %(content_type)s, %(user_metadata)s::jsonb,
+    %(system_metadata)s::jsonb, %(checksums)s::jsonb, %(manifest)s::jsonb, %(last_modified)s,
+    %(parts_count)s, %(hashes)s::text[], %(sizes)s::bigint[], %(ks)s::int[], %(ms)s::int[],
+    %(stripes)s::int[], %(maps)s::jsonb[], %(inline)s::bytea[], %(refs)s::int[],
+    %(required)s::text[])
+"""
+
+#: The HINT of the error anvil_put_object raises when a content the caller
+#: relied on (dedup, copy) does not exist; its DETAIL lists the hashes.
+_CONTENT_MISSING_HINT = "anvil:content-missing"
+
 #: A live object (first kind of row: the object columns, then NULLs) and
 #: the contents of its manifest (second kind: NULLs, then the content
-#: columns), each content once however often the manifest names it.
-_GET_WITH_CONTENTS = (
-    "WITH o AS (SELECT "
-    + _OBJECT_COLUMNS
-    + " FROM objects WHERE bucket_id = %s AND key = %s AND deleted_at IS NULL) "
-    "SELECT o.*, "
-    + ", ".join(["NULL"] * len(_CONTENT_COLUMNS.split(",")))
-    + " FROM o UNION ALL SELECT "
-    + ", ".join(["NULL"] * len(_OBJECT_COLUMNS.split(",")))
-    + ", "
-    + ", ".join("c." + column.strip() for column in _CONTENT_COLUMNS.split(","))
-    # = ANY(ARRAY(...)): the hashes become one array (an InitPlan) and the
-    # contents are read through their primary key; an IN (subquery) here is
-    # planned as a hash join over the whole contents table.
-    + " FROM contents c WHERE c.hash = ANY(ARRAY("
-    "SELECT e->>'hash' FROM o, jsonb_array_elements(o.manifest) e))"
-)
+#: columns), each content once however often the manifest names it; from
+#: one snapshot (see the regional migration 0004_fast_put).
+_GET_OBJECT = "SELECT * FROM anvil_get_object(%s::bigint, %s)"
 
 #: Soft-delete the live rows of some keys and drop their references.
 _DELETE = (
@@ -846,22 +845,22 @@ class ObjectStore:
             )
         params = self._object_params(record)
         params.update(_content_params(contents, references))
-        params.update(extra_hashes=[], extra_counts=[])
-        required = set(require_existing)
+        params["required"] = sorted(set(require_existing))
+        sql, args = _positional(_PUT_OBJECT, params)
 
-        async def put(cursor: Any) -> ObjectRecord | None:
-            if contents:
-                await cursor.execute(
-                    _UPSERT_CONTENTS.format(source="(SELECT " + _KEY_LOCK + ") held,"), params
-                )
-                missing = sorted(h for h, inserted in cursor.fetchall() if inserted and h in required)
-                if missing:
-                    raise ContentMissingError(missing)
-            else:
-                await cursor.execute("SELECT " + _KEY_LOCK, params)
-            return await self._swap(cursor, params)
+        async def put() -> ObjectRecord | None:
+            try:
+                rows = await self._db.run_query(sql, args)
+            except psycopg2.errors.RaiseException as e:
+                if e.diag.message_hint != _CONTENT_MISSING_HINT:
+                    raise
+                raise ContentMissingError((e.diag.message_detail or "").split(",")) from None
+            row = rows[0]
+            expected, released, _ = row[:3]
+            self._check_released(expected, released, "Replacing an object")
+            return None if row[3] is None else _object(row[3:])
 
-        return await self._retrying(lambda: self._db.run_interaction(put))
+        return await self._retrying(put)
 
     @staticmethod
     def _object_params(record: ObjectRecord) -> dict[str, Any]:
@@ -917,7 +916,7 @@ class ObjectStore:
         """
         if not key or "\x00" in key:
             return None
-        rows = await self._db.run_query(_GET_WITH_CONTENTS, (bucket_id, key))
+        rows = await self._db.run_query(_GET_OBJECT, (bucket_id, key))
         record: ObjectRecord | None = None
         contents: dict[str, ContentRecord] = {}
         width = len(_OBJECT_COLUMNS.split(","))
