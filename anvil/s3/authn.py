@@ -227,6 +227,34 @@ def is_allowed(
     return policy_allows(policies, action, bucket, key)
 
 
+def public_flag_irrelevant(
+    principal: Principal | None,
+    operation: str,
+    action: str | None,
+    bucket_name: str | None,
+    key: str | None,
+) -> bool:
+    """
+    Whether L{authorize} decides a request the same way whether or not the
+    bucket is public, given that the bucket belongs to C{principal}'s
+    tenant: then a bucket record with an out-of-date public flag
+    (L{anvil.s3.bucketcache}) cannot change the outcome.
+
+    @param principal: the caller, C{None} when anonymous.
+    @param operation: the operation name.
+    @param action: the operation's policy action, or C{None}.
+    @param bucket_name: the addressed bucket name.
+    @param key: the addressed key, if any.
+    @return: C{False} for an anonymous caller, and for a public operation
+        the caller's policies alone would refuse.
+    """
+    if principal is None:
+        return False
+    if operation not in PUBLIC_OPERATIONS or action is None:
+        return True
+    return is_allowed(principal.policies, action, bucket_name, key or None)
+
+
 def authorize(
     principal: Principal | None,
     operation: str,

@@ -12,7 +12,9 @@ For each request, in order:
   3. classify the request with the operation table
      (L{anvil.s3.dispatch.route}), which also sets the request's
      C{anvil_operation} metric label;
-  4. look the bucket up (C{NoSuchBucket} unless the operation creates it);
+  4. look the bucket up (C{NoSuchBucket} unless the operation creates it;
+     the owner's requests may reuse a record up to a second old, see
+     L{anvil.s3.bucketcache});
   5. authorise: tenant isolation, the operation's policy action, public
      buckets;
   6. run the handler and render its L{S3Response}.
@@ -39,7 +41,7 @@ from twisted.web.server import NOT_DONE_YET
 from anvil.errors import DatabaseUnavailable
 from anvil.errors import InvalidArgument as DomainInvalidArgument
 from anvil.s3 import dispatch
-from anvil.s3.authn import authorize
+from anvil.s3.authn import authorize, public_flag_irrelevant
 from anvil.s3.dispatch import S3Call, S3Response
 from anvil.s3.errors import (
     AccessDenied,
@@ -48,6 +50,7 @@ from anvil.s3.errors import (
     InvalidArgument,
     KeyTooLongError,
     NoSuchBucket,
+    PermanentRedirect,
     S3Error,
     ServiceUnavailable,
 )
@@ -147,7 +150,20 @@ class S3Resource(Resource):
             if address.bucket is not None and row.needs_bucket:
                 # CreateBucket looks no further: whether the name is taken,
                 # and by whom, is its own business (BucketAlreadyExists).
-                bucket = await service.buckets.get_bucket(address.bucket)
+                # For an object operation of the bucket's own tenant whose
+                # outcome the public flag cannot change, a record up to a
+                # second old is good enough; every other request (anonymous,
+                # another tenant's, bucket operations such as DeleteBucket)
+                # reads the database.
+                owner = (
+                    principal.tenant_id
+                    if address.key
+                    and public_flag_irrelevant(
+                        principal, row.operation, row.action, address.bucket, address.key
+                    )
+                    else None
+                )
+                bucket = await service.bucket_cache.get_bucket(address.bucket, owner)
                 if bucket is None:
                     raise NoSuchBucket(BucketName=address.bucket)
             authorize(principal, row.operation, row.action, bucket, address.bucket, address.key)
@@ -156,6 +172,9 @@ class S3Resource(Resource):
                 # The caller's safeguard against writing into a bucket that
                 # changed hands; AWS answers 403.
                 raise AccessDenied()
+            if bucket is not None and bucket.region != service.region:
+                await self._send(request, await self._other_region(request, bucket, headers))
+                return
             call = S3Call(
                 request,
                 service,
@@ -197,6 +216,21 @@ class S3Resource(Resource):
                 operation=request.anvil_operation,
             )
             self._send_error(request, address, InternalError())
+
+    async def _other_region(self, request: Any, bucket: Any, headers: dict[str, str]) -> S3Response:
+        """
+        Answer a request for a bucket of another region: forward it to a
+        node of that region (L{anvil.s3.proxy}), or redirect as AWS does
+        when this node has no way to reach one.
+        """
+        proxy = self._service.proxy
+        if proxy is None:
+            raise PermanentRedirect(
+                headers={"x-amz-bucket-region": bucket.region},
+                Bucket=bucket.name,
+                Endpoint=f"region {bucket.region}",
+            )
+        return await proxy.forward(request, bucket.region, headers)
 
     async def _send(self, request: Any, response: S3Response) -> None:
         """

@@ -28,6 +28,7 @@ from anvil.config import NodeConfig
 from anvil.meta.store import GlobalStore
 from anvil.metrics import API_S3, Metrics
 from anvil.s3.authn import Authenticator
+from anvil.s3.bucketcache import OwnerBucketCache
 
 if TYPE_CHECKING:
     from anvil.meta.buckets import BucketStore
@@ -78,9 +79,13 @@ class S3Service:
     @ivar engine: reads and writes object contents.
     @ivar metrics: the node's metrics.
     @ivar region: this node's region (C{node.region}).
+    @ivar proxy: the L{anvil.s3.proxy.RegionProxy} for buckets of other
+        regions, or L{None}.
     @ivar virtual_host_domains: base domains for virtual-host style
         addressing, lower case.
     @ivar authenticator: verifies signatures and resolves principals.
+    @ivar bucket_cache: bucket records, briefly reused for their owners'
+        requests.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class S3Service:
         *,
         virtual_host_domains: Sequence[str] | None = None,
         secret_cache_seconds: float = 5.0,
+        bucket_cache_seconds: float = 1.0,
     ) -> None:
         """
         @param config: the node configuration.
@@ -110,6 +116,9 @@ class S3Service:
         @param secret_cache_seconds: how long an app's secret and policies
             are remembered (rotation and policy changes take effect after
             at most this long).
+        @param bucket_cache_seconds: how long a bucket record is reused for
+            its owner's requests (L{anvil.s3.bucketcache}); 0 reads the
+            database for every request.
         """
         # Imported here: the dispatch table imports the handlers, which
         # import this module for their type annotations.
@@ -123,10 +132,14 @@ class S3Service:
         self.engine = engine
         self.metrics = metrics
         self.region = config.node.region
+        # Forwards requests for buckets of other regions (set by the node
+        # once it knows the cluster's members); None: redirect instead.
+        self.proxy: Any = None
         if virtual_host_domains is None:
             virtual_host_domains = default_virtual_host_domains(config)
         self.virtual_host_domains = tuple(d.lower().rstrip(".") for d in virtual_host_domains)
         self.authenticator = Authenticator(global_store, clock, cache_seconds=secret_cache_seconds)
+        self.bucket_cache = OwnerBucketCache(buckets, clock, seconds=bucket_cache_seconds)
         metrics.declare_operations(API_S3, OPERATION_NAMES)
 
     def resource(self) -> S3Resource:

@@ -318,6 +318,7 @@ async def create_bucket(call: S3Call) -> S3Response:
 
     try:
         await call.service.buckets.create_bucket(name, principal.tenant_id, call.service.region)
+        call.service.bucket_cache.forget(name)
     except DomainInvalidArgument as e:
         raise InvalidBucketName(str(e), BucketName=name) from None
     except BucketNameTaken as taken:
@@ -377,6 +378,7 @@ async def delete_bucket(call: S3Call) -> S3Response:
     if not await call.service.objects.bucket_is_empty(bucket.id):
         raise BucketNotEmpty(BucketName=bucket.name)
     await call.service.buckets.delete_bucket(bucket.id)
+    call.service.bucket_cache.forget(bucket.name)
     return S3Response(204)
 
 
