@@ -7,14 +7,15 @@ global database; and certificate renewal on a simulated clock.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -243,6 +244,23 @@ class ClusterServiceTests(TestCase):
         with self.assertRaises(InvalidArgument):
             nodes[0].remove_member(nodes[0].node_id)
 
+    async def test_members_endpoint(self) -> None:
+        """
+        Peers may read C{/cluster/v1/members}; only the node itself may
+        remove a member through it.
+        """
+        nodes = await self.cluster()
+        http = nodes[1].http
+        assert http is not None
+        base = f"https://{nodes[0].membership.local.cluster_addr}/cluster/v1/members"
+        response = await http.get(base)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(await response.content()), nodes[0].members_document())
+        response = await http.post(f"{base}/{nodes[2].node_id}/remove")
+        await response.content()
+        self.assertEqual(response.code, 403)
+        self.assertEqual(states(nodes[0])[nodes[2].node_id], "alive")
+
     async def test_waits_for_ca(self) -> None:
         """
         A node without INIT_CLUSTER waits until the CA exists, then gets a
@@ -257,6 +275,25 @@ class ClusterServiceTests(TestCase):
         assert first.ca is not None and second.ca is not None and second.identity is not None
         self.assertEqual(first.ca.certificate, second.ca.certificate)
         self.assertTrue(first.ca.issued(second.identity.certificate))
+
+
+    async def test_stop_while_waiting_for_ca(self) -> None:
+        """
+        Stopping a node still waiting for the CA ends C{prepare} with
+        C{CancelledError} at once.
+        """
+        config = node_config(self, BOOTSTRAP_ADDRS="127.0.0.1:1")
+        node_id = load_or_create_node_id(config.node.data_dir)
+        service = ClusterService(
+            config, node_id, Membership(Member(node_id, "r1", "", "")), self.db, self.box,
+            Metrics(), reactor, ca_retry_max=5.0,
+        )
+        service.startService()
+        preparing = Deferred.fromCoroutine(service.prepare())
+        await deferLater(reactor, 0.3)
+        await service.stopService()
+        with self.assertRaises(CancelledError):
+            await preparing
 
 
 class OperatorCATests(SynchronousTestCase):

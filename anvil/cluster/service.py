@@ -28,7 +28,6 @@ import json
 import random
 from typing import Any
 
-import treq
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -147,11 +146,13 @@ class ClusterService(Service):
         self.port: IListeningPort | None = None
         self._server_tls: RenewableServerContext | None = None
         self._policy: ClusterTLSPolicy | None = None
-        self._pool: HTTPConnectionPool | None = None
+        self._pool: _ClosablePool | None = None
         self._connections: set[Any] = set()
         self._drain_timeout = min(config.node.shutdown_timeout, 5.0)
         self._renewal: LoopingCall | None = None
         self._joining: Deferred[int] | None = None
+        self._ca_wait: Deferred[None] | None = None
+        self._transport: GossipTransport | None = None
         self._gossiping = False
 
     # -- start-up -------------------------------------------------------
@@ -165,12 +166,14 @@ class ClusterService(Service):
         @raise InvalidArgument: for unusable operator CA or node files.
         @raise anvil.errors.SecretKeyMismatch: when the stored CA key was
             encrypted under another secret key.
+        @raise CancelledError: when L{stopService} is called while waiting
+            for the CA to appear in the global database.
         """
         self.ca = ca = await self._load_ca()
         self.identity = identity = self._load_identity(ca)
         self._server_tls = RenewableServerContext(identity, ca)
         self._policy = ClusterTLSPolicy(identity, ca, self._expected_node_id)
-        self._pool = HTTPConnectionPool(self._reactor, persistent=True)
+        self._pool = _ClosablePool(self._reactor, persistent=True)
         self._pool.maxPersistentPerHost = MAX_PERSISTENT_PER_PEER
         agent = Agent(
             self._reactor,
@@ -179,7 +182,7 @@ class ClusterService(Service):
             connectTimeout=self._config.cluster.peer_timeout,
         )
         self.http = HTTPClient(agent)
-        transport = GossipTransport(self.http, self._config.cluster.secret)
+        self._transport = transport = GossipTransport(self.http, self._config.cluster.secret)
         self.swim = Swim(
             self.membership.local,
             self._reactor,
@@ -206,7 +209,9 @@ class ClusterService(Service):
                 return ClusterCA.from_files(cluster.ca_cert_file, cluster.ca_key_file)
             return ClusterCA.from_certificate_file(cluster.ca_cert_file)
         store = CAStore(self._global_db, self._box)
-        if cluster.init:
+        if cluster.init or not cluster.bootstrap_addrs:
+            # The first node of a cluster, or a node running alone (the
+            # embedded quick start): nobody else will create the CA.
             return await store.load_or_create(self._reactor.seconds())
         delay = 1.0
         while True:
@@ -223,7 +228,13 @@ class ClusterService(Service):
                 "looking again in {delay:.0f}s.",
                 reason=reason, delay=delay,
             )
-            await deferLater(self._reactor, delay)
+            # Kept so that stopService can end the wait (prepare() then
+            # fails with CancelledError).
+            self._ca_wait = deferLater(self._reactor, delay)
+            try:
+                await self._ca_wait
+            finally:
+                self._ca_wait = None
             delay = min(delay * 2, self._ca_retry_max)
 
     def _load_identity(self, ca: ClusterCA) -> NodeIdentity:
@@ -419,6 +430,8 @@ class ClusterService(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._ca_wait is not None:
+            self._ca_wait.cancel()
         if self._joining is not None:
             self._joining.cancel()
         if self._renewal is not None and self._renewal.running:
@@ -434,6 +447,8 @@ class ClusterService(Service):
                 except Exception:
                     self._log.warn("The leave announcement did not finish in time.")
             swim.stop()
+        if self._transport is not None:
+            self._transport.cancel_all()
         if self.port is not None:
             await self._drain(self.port)
             self.port = None
@@ -466,6 +481,32 @@ class ClusterService(Service):
                 return
             if self._connections:
                 await deferLater(self._reactor, 0.05)
+
+
+class _ClosablePool(HTTPConnectionPool):
+    """
+    A persistent connection pool that, once closed, closes connections
+    whose response ends afterwards instead of keeping them (with a timer)
+    for requests that will never come.
+    """
+
+    _closed = False
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        """
+        Keep C{connection} for reuse, unless the pool is closed.
+        """
+        if self._closed:
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)
+
+    def closeCachedConnections(self) -> Deferred[None]:
+        """
+        Close the kept connections, and any that finish a response later.
+        """
+        self._closed = True
+        return super().closeCachedConnections()
 
 
 def _busy(tls: Any) -> bool:

@@ -33,6 +33,7 @@ from anvil.cluster.listener import request_peer, respond
 from anvil.cluster.swim import Message, Swim
 from anvil.cluster.tls import PeerIdentityError
 from anvil.errors import AnvilError
+from anvil.web.body import BodyIncomplete
 
 #: The request header carrying the cluster secret.
 SECRET_HEADER = b"Anvil-Cluster-Secret"
@@ -73,6 +74,7 @@ class GossipTransport:
         self._http = http
         self._secret = secret.encode("utf-8")
         self._scheme = scheme
+        self._in_flight: set[Deferred[Message | None]] = set()
 
     def send(self, addr: str, message: Message) -> Deferred[Message | None]:
         """
@@ -82,7 +84,23 @@ class GossipTransport:
             with L{GossipRefused} on an error status, or with the connection
             error.  Cancelling it abandons the request.
         """
-        return Deferred.fromCoroutine(self._send(addr, message))
+        d = Deferred.fromCoroutine(self._send(addr, message))
+        self._in_flight.add(d)
+
+        def done(result: object) -> object:
+            self._in_flight.discard(d)
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def cancel_all(self) -> None:
+        """
+        Abandon every request in flight (on shutdown, before the connection
+        pool is closed).
+        """
+        for d in list(self._in_flight):
+            d.cancel()
 
     async def _send(self, addr: str, message: Message) -> Message | None:
         response = await self._http.post(
@@ -174,6 +192,11 @@ class GossipResource(Resource):
             respond(request, 200, reply.to_json().encode("utf-8"), b"application/json")
 
     def _failed(self, reason: Failure, request: Any) -> None:
+        if reason.check(BodyIncomplete):
+            # The peer went away mid-message (it stopped, or gave up
+            # waiting): nothing to answer.
+            self._log.debug("gossip message cut short: {error}", error=str(reason.value))
+            return
         if reason.check(PeerIdentityError):
             respond(request, 403, b"no verified node certificate\n")
             return
