@@ -7,10 +7,15 @@ children in reverse, stop in the opposite order:
 
   1. metadata: the embedded PostgreSQL (when no URLs are configured), the
      global and regional connection pools, migrations;
-  2. workers: the CPU pool (hashing, erasure coding) and the disk I/O
-     pool of the storage engine, the garbage collector's loop and the
-     loop refreshing the storage and usage gauges;
-  3. the API listener, last to start and first to stop, so on SIGTERM the
+  2. the CPU pool (hashing, erasure coding) and the disk I/O pool of the
+     storage engine;
+  3. the cluster (L{anvil.cluster.service.ClusterService}): the node's
+     certificate, the mutual-TLS cluster listener serving gossip and shard
+     transfers, SWIM membership, the client peers are reached with; on
+     stop it announces its departure and stops serving shards;
+  4. workers: the garbage collector's loop and the loop refreshing the
+     storage and usage gauges;
+  5. the API listener, last to start and first to stop, so on SIGTERM the
      node stops accepting requests before anything they need goes away.
 
 Start-up I/O is asynchronous (L{NodeService._start}); a failure there is
@@ -29,17 +34,25 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from anvil import __version__
 from anvil.bootstrap import ensure_region, first_start
+from anvil.cluster.listener import request_peer
 from anvil.cluster.membership import Member, Membership, load_or_create_node_id
+from anvil.cluster.peers import PeerClient
+from anvil.cluster.service import ClusterService
+from anvil.cluster.shardserver import ShardServer
 from anvil.config import NodeConfig
 from anvil.errors import AnvilError
 from anvil.logs import json_observer
 from anvil.meta.connect import Metadata, open_metadata
 from anvil.metrics import Metrics
 from anvil.s3.service import S3Service, build_s3
+from anvil.s3.proxy import RegionProxy
 from anvil.storage.cpu import CpuPool
+from anvil.storage.placement import ClusterPlacement
+from anvil.storage.remote import MembershipDirectory
 from anvil.storage.shardstore import LocalShardStore
 from anvil.web.listener import DrainingListener, track_channels
 from anvil.worker.gc import GarbageCollector
@@ -88,6 +101,8 @@ class NodeService(MultiService):
         self.metrics = Metrics()
         self.node_id: str | None = None
         self.api_port: int | None = None
+        self.cluster: ClusterService | None = None
+        self._shard_server: ShardServer | None = None
         self._starting: Deferred[None] | None = None
         self.failed = False
         self.ready: Deferred[None] = Deferred()
@@ -119,6 +134,10 @@ class NodeService(MultiService):
 
         async def stop() -> None:
             if not starting.called:
+                if self.cluster is not None and self.cluster.ca is None:
+                    # Still waiting for the cluster CA to appear: stop
+                    # waiting (the start then fails and the process exits).
+                    await self.cluster.stopService()
                 await starting
             # MultiService would start stopping every child at once; each
             # must finish first: the listener drains its requests while the
@@ -172,6 +191,7 @@ class NodeService(MultiService):
 
         readiness = self._readiness(metadata, membership)
         s3 = await self._storage(metadata, node_id)
+        await self._cluster_start()
         self._workers(s3)
         port = await self._listen(RootResource(readiness, self.metrics, s3.resource()))
         endpoint_url = self.api_url(port.getHost())
@@ -250,11 +270,12 @@ class NodeService(MultiService):
 
     async def _storage(self, metadata: Metadata, node_id: str) -> S3Service:
         """
-        Start the worker pools and build the S3 service over this node's
-        shard directories.
+        Start the worker pools, prepare the cluster (its CA, this node's
+        certificate, the peer client) and build the S3 service over this
+        node's shard directories and the region's members.
 
-        The pools are children of the node before the API listener, so they
-        stop only after it has drained.
+        The pools are children of the node before the cluster and the API
+        listener, so they stop only after both have drained.
         """
         config = self._config
         cpu = CpuPool(self._reactor, name="anvil-cpu")
@@ -271,10 +292,27 @@ class NodeService(MultiService):
             self._log.info("Removed {count} temporary shard files of interrupted uploads",
                            count=removed)
 
-        def corrupt(content_hash: object, shard_index: int, stripe: int) -> None:
+        def corrupt(content_hash: object, shard_index: int, stripe: object) -> None:
             self.metrics.shards_corrupt.inc()
 
-        return build_s3(
+        membership = self.membership
+        region = config.node.region
+        cluster = self.cluster = ClusterService(
+            config, node_id, membership, metadata.global_db, metadata.secret_box,
+            self.metrics, self._reactor,
+        )
+        # A child before prepare(), so that stopping the node ends a wait
+        # for the cluster CA.
+        cluster.setServiceParent(self)
+        await cluster.prepare()
+        assert cluster.http is not None
+        peers = PeerClient(cluster.http, self._reactor, config.cluster.peer_timeout, self.metrics)
+
+        def candidates() -> list[str]:
+            # Members that take new shards: alive, in this node's region.
+            return [m.node_id for m in membership.alive() if m.region == region]
+
+        s3 = build_s3(
             config,
             self._reactor,
             global_store=metadata.global_store,
@@ -286,7 +324,38 @@ class NodeService(MultiService):
             shards=shards,
             node_id=node_id,
             on_corrupt=corrupt,
+            placement=ClusterPlacement(node_id, shards, candidates),
+            peers=peers,
+            directory=MembershipDirectory(membership),
         )
+        self._shard_server = ShardServer(
+            shards, io, self._reactor, on_corrupt=corrupt, authorize=request_peer,
+        )
+        cluster.root.register(b"shards", self._shard_server)
+        s3.proxy = RegionProxy(
+            Agent(self._reactor, pool=HTTPConnectionPool(self._reactor, persistent=True)),
+            node_id,
+            membership.members,
+        )
+        capacity = await io.run(_capacity, shards)
+        cluster.update_local(capacity=capacity)
+        return s3
+
+    async def _cluster_start(self) -> None:
+        """
+        Open the cluster listener and start gossip (joining through
+        C{BOOTSTRAP_ADDRS} in the background).
+        """
+        assert self.cluster is not None
+        assert self._shard_server is not None
+        _StopShardServer(self._shard_server).setServiceParent(self)
+        try:
+            await self.cluster.listen()
+        except Exception as e:
+            raise AnvilError(
+                f"cluster.listen {self._config.cluster.listen!r}: cannot listen: {e}"
+            ) from None
+        self.cluster.start_gossip()
 
     def api_url(self, host: Any) -> str:
         """
@@ -328,6 +397,35 @@ class NodeService(MultiService):
             self._reactor.stop()
         else:
             self._reactor.callWhenRunning(self._reactor.stop)
+
+
+class _StopShardServer(Service):
+    """
+    Drops the shard uploads still waiting for their commit when the node
+    stops (after the API listener and workers, before the pools).
+    """
+
+    def __init__(self, server: ShardServer) -> None:
+        self._server = server
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._server.stop())
+
+
+def _capacity(shards: LocalShardStore) -> int:
+    """
+    Bytes of the filesystems holding the shard directories (each counted
+    once), the capacity this node announces to the cluster.
+    """
+    seen: set[int] = set()
+    total = 0
+    for data_dir in shards.data_dirs:
+        device = os.stat(data_dir).st_dev
+        if device not in seen:
+            seen.add(device)
+            total += shards.capacity(data_dir).total_bytes
+    return total
 
 
 def _stderr(line: str) -> None:

@@ -672,6 +672,13 @@ class S3NotImplemented(S3Error):
     message = "A header you provided implies functionality that is not implemented"
 
 
+class PermanentRedirect(S3Error):
+    """The bucket is in another region and this node cannot forward to it."""
+
+    status = 301
+    message = "The bucket you are attempting to access must be addressed using the specified endpoint."
+
+
 class ServiceUnavailable(S3Error):
     """The node cannot serve the request now (metadata or storage down)."""
 

@@ -63,6 +63,8 @@ def child_env(extra: Mapping[str, str]) -> dict[str, str]:
                       "BOOTSTRAP_ADDRS", "INIT_CLUSTER")
     }
     env["PYTHONPATH"] = SOURCE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # Never the default cluster port: tests run nodes side by side.
+    env["CLUSTER_LISTEN_ADDR"] = "tcp:0:interface=127.0.0.1"
     env.update(extra)
     return env
 
