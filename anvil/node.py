@@ -55,9 +55,10 @@ from anvil.storage.placement import ClusterPlacement
 from anvil.storage.remote import MembershipDirectory
 from anvil.storage.shardstore import LocalShardStore
 from anvil.web.listener import DrainingListener, track_channels
-from anvil.worker.gc import GarbageCollector
+from anvil.meta.listen import Listener
 from anvil.worker.loop import PeriodicWorker
-from anvil.worker.stats import RecordedGc, UsageStats
+from anvil.worker.queue import CHANNEL as TASK_CHANNEL
+from anvil.worker.tasks import REGISTRY, WorkerContext
 from anvil.web.readiness import Readiness
 from anvil.web.root import RootResource
 from anvil.web.server import AnvilSite
@@ -103,6 +104,7 @@ class NodeService(MultiService):
         self.api_port: int | None = None
         self.cluster: ClusterService | None = None
         self._shard_server: ShardServer | None = None
+        self.workers: dict[str, PeriodicWorker] = {}
         self._starting: Deferred[None] | None = None
         self.failed = False
         self.ready: Deferred[None] = Deferred()
@@ -192,7 +194,7 @@ class NodeService(MultiService):
         readiness = self._readiness(metadata, membership)
         s3 = await self._storage(metadata, node_id)
         await self._cluster_start()
-        self._workers(s3)
+        await self._workers(metadata, s3)
         port = await self._listen(RootResource(readiness, self.metrics, s3.resource()))
         endpoint_url = self.api_url(port.getHost())
         if not config.api.public_addr:
@@ -237,18 +239,36 @@ class NodeService(MultiService):
             clock=self._reactor,
         )
 
-    def _workers(self, s3: S3Service) -> None:
+    async def _workers(self, metadata: Metadata, s3: S3Service) -> None:
         """
-        Start the background loops; they join before the listener, so they
-        stop after it has drained.
+        Start the background loops (garbage collection, scrub, the task
+        worker, the gauges; L{anvil.worker.tasks.REGISTRY} lists them and
+        C{anvil-admin worker run-once} builds them the same way); they join
+        before the listener, so they stop after it has drained. A
+        notification on the task channel wakes the task worker at once.
         """
-        config = self._config
-        collector = RecordedGc(GarbageCollector.for_node(config, s3, self._reactor), self.metrics)
-        PeriodicWorker(collector, config.worker.gc_interval, self._reactor).setServiceParent(self)
-        # Storage, usage and membership gauges are refreshed here, never
-        # computed per scrape.
-        stats = UsageStats(self.metrics, s3.objects, s3.buckets, s3.engine.shards, self.membership, self._io)
-        PeriodicWorker(stats, 30.0, self._reactor, now=True).setServiceParent(self)
+        assert self.node_id is not None
+        context = WorkerContext(
+            config=self._config,
+            clock=self._reactor,
+            node_id=self.node_id,
+            metrics=self.metrics,
+            io=self._io,
+            global_db=metadata.global_db,
+            s3=s3,
+            membership=self.membership,
+            cluster=self.cluster,
+        )
+        self.workers = REGISTRY.build_services(context)
+        for service in self.workers.values():
+            service.setServiceParent(self)
+        tasks = self.workers.get("tasks")
+        if tasks is not None:
+            listener = Listener(
+                metadata.global_db.dsn, self._reactor, TASK_CHANNEL, lambda kind: tasks.wake()
+            )
+            _StopListener(listener).setServiceParent(self)
+            await listener.start()
 
     async def _listen(self, root: RootResource) -> Any:
         """
@@ -397,6 +417,19 @@ class NodeService(MultiService):
             self._reactor.stop()
         else:
             self._reactor.callWhenRunning(self._reactor.stop)
+
+
+class _StopListener(Service):
+    """
+    Closes the task-notification connection when the node stops.
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self._listener.stop()
 
 
 class _StopShardServer(Service):

@@ -221,6 +221,15 @@ class Database:
         self._closed = False
 
     @classmethod
+
+    @property
+    def dsn(self) -> str:
+        """
+        @return: The connection string this pool uses (for a LISTEN
+            connection to the same database).
+        """
+        return self._dsn
+
     async def connect(
         cls,
         dsn: str,
