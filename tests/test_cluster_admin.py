@@ -7,7 +7,6 @@ mutual TLS, real PostgreSQL).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import stat
@@ -96,9 +95,15 @@ class ClusterAdminTests(AdminTestMixin, TestCase):
         return service
 
     async def admin(self, *argv: str, **env: str) -> Result:
+        """
+        Run C{anvil-admin} with node 1's environment.
+        """
         return await run_admin(list(argv), {**self.env, **env})
 
     def query(self, statement: str) -> list[tuple]:
+        """
+        The rows of a query on the global database.
+        """
         conn = psycopg2.connect(self.global_dsn)
         try:
             with conn, conn.cursor() as cur:
@@ -253,6 +258,9 @@ class ClusterAddressTests(SynchronousTestCase):
     """
 
     def address(self, **env: str) -> str:
+        """
+        The address found for a configuration from C{env}.
+        """
         config = load_config({}, {"ANVIL_DATA_DIR": "/tmp/anvil-test", **env}, None)
         return cluster_address(config)
 

@@ -57,10 +57,16 @@ class _WhoAmI(Resource):
     isLeaf = True
 
     def __init__(self) -> None:
+        """
+        No calls yet.
+        """
         super().__init__()
         self.calls = 0
 
     def render_GET(self, request: Request) -> bytes:
+        """
+        The client's node id.
+        """
         self.calls += 1
         return request_peer(request).encode("ascii")
 
@@ -72,6 +78,9 @@ class _NoCertificate:
     """
 
     def __init__(self, ca: ClusterCA) -> None:
+        """
+        @param ca: the CA the server's certificate must chain to.
+        """
         context = SSL.Context(SSL.TLS_METHOD)
         store = context.get_cert_store()
         assert store is not None
@@ -80,6 +89,9 @@ class _NoCertificate:
         self._context = context
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """
+        A client connection presenting no certificate.
+        """
         connection = SSL.Connection(self._context, None)
         connection.set_connect_state()
         return connection
@@ -92,9 +104,15 @@ class _Policy:
     """
 
     def __init__(self, creator: Any) -> None:
+        """
+        @param creator: the connection creator for every address.
+        """
         self._creator = creator
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        """
+        The fixed creator.
+        """
         return self._creator
 
 
@@ -105,6 +123,9 @@ class _Listener:
     """
 
     def __init__(self, testcase: TestCase, ca: ClusterCA) -> None:
+        """
+        Listen; stop listening at C{testcase}'s cleanup.
+        """
         self.metrics = Metrics()
         self.whoami = _WhoAmI()
         self.swim = Swim(
@@ -211,6 +232,9 @@ class ClusterListenerTests(TestCase):
 
         class Recording(ClusterTLSPolicy):
             def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+                """
+                The usual creator, recording each connection it makes.
+                """
                 creator = super().creatorForNetloc(hostname, port)
                 inner = creator.clientConnectionForTLS
 
@@ -242,6 +266,9 @@ class GossipTransportTests(TestCase):
         self.listener = _Listener(self, self.ca)
 
     def transport(self, node_id: str, secret: str = SECRET) -> GossipTransport:
+        """
+        A gossip transport presenting C{node_id}'s certificate and C{secret}.
+        """
         policy = ClusterTLSPolicy(identity(self, self.ca, node_id), self.ca, lambda h, p: NODE_A)
         return GossipTransport(client(self, policy), secret)
 

@@ -309,12 +309,19 @@ class OperatorCATests(SynchronousTestCase):
         self.ca_key = self.write("ca.key", self.ca.private_key_pem())
 
     def write(self, name: str, data: bytes) -> str:
+        """
+        Write a file in the test's directory and return its path.
+        """
         path = os.path.join(self.dir, name)
         with open(path, "wb") as f:
             f.write(data)
         return path
 
     def service(self, clock: Clock, **env: str) -> ClusterService:
+        """
+        A service on C{clock} with a 100 s certificate renewed 50 s before
+        expiry.
+        """
         config = node_config(self, **env)  # type: ignore[arg-type]
         node_id = load_or_create_node_id(config.node.data_dir)
         membership = Membership(Member(node_id, "r1", "http://a", ""))
@@ -324,6 +331,9 @@ class OperatorCATests(SynchronousTestCase):
         )
 
     def prepare(self, service: ClusterService) -> None:
+        """
+        Run C{prepare}, which completes at once without a database.
+        """
         d = Deferred.fromCoroutine(service.prepare())
         self.successResultOf(d)
 
