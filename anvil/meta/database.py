@@ -220,8 +220,6 @@ class Database:
         self._waiters: deque[Deferred[_Slot]] = deque()
         self._closed = False
 
-    @classmethod
-
     @property
     def dsn(self) -> str:
         """
@@ -230,6 +228,7 @@ class Database:
         """
         return self._dsn
 
+    @classmethod
     async def connect(
         cls,
         dsn: str,
