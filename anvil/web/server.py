@@ -770,17 +770,26 @@ class AnvilSite(Site):
         # A client that hung up before its request line was parsed has no
         # path yet.
         path = (getattr(request, "path", None) or b"-").decode("ascii", "replace")
-        address = request.getClientAddress()
-        emit = self._log.debug if request.anvil_api == API_NODE else self._log.info
+        client = getattr(request.getClientAddress(), "host", "-")
+        method = request.method.decode("ascii", "replace")
+        duration_ms = seconds * 1000
+        api = request.anvil_api
+        operation = request.anvil_operation
+        emit = self._log.debug if api == API_NODE else self._log.info
+        # The line is formatted here, once, with an f-string: a format
+        # string of nine fields costs more to render through
+        # twisted.logger's formatter than the rest of a small GET's logging.
+        # The fields stay in the event for JSON output and observers.
         emit(
-            "{client} {method} {path} {status} {duration_ms:.1f}ms "
-            "request_id={request_id} {api}:{operation}",
-            client=getattr(address, "host", "-"),
-            method=request.method.decode("ascii", "replace"),
+            "{access_line}",
+            access_line=f"{client} {method} {path} {status} {duration_ms:.1f}ms "
+            f"request_id={request.request_id} {api}:{operation}",
+            client=client,
+            method=method,
             path=path,
             status=status,
-            duration_ms=seconds * 1000,
+            duration_ms=duration_ms,
             request_id=request.request_id,
-            api=request.anvil_api,
-            operation=request.anvil_operation,
+            api=api,
+            operation=operation,
         )
