@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,10 +34,23 @@ ADMIN = [sys.executable, "-m", "anvil.scripts.admin"]
 def free_port() -> int:
     """
     A TCP port that was free a moment ago on 127.0.0.1.
+
+    Taken below the kernel's ephemeral range (32768 and up here): a port
+    from that range can be handed to any outgoing connection or C{tcp:0}
+    listener (nodes talk to each other all the time) between this check and
+    the node binding it.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        port = _ports.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+_ports = random.Random(os.getpid() ^ int(time.time() * 1000))
 
 
 def short_tmpdir(testcase: SynchronousTestCase) -> str:
