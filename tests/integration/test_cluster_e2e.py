@@ -141,10 +141,13 @@ class StrangerTests(SynchronousTestCase):
                     members,
                     f"node {node.index}'s view",
                 )
-        # It was trying all along, not stopped by a configuration error.
+        # It was trying all along, not stopped by a configuration error,
+        # and sees none of the members either.
         self.assertTrue(stranger.running, stranger.log_tail())
         for node in cluster.nodes:
             self.assertTrue(node.running, node.log_tail())
+        seen = set(cluster.states(stranger))
+        self.assertEqual(seen & members, set(), stranger.log_tail())
 
     def test_foreign_ca_cannot_join(self) -> None:
         """
@@ -167,3 +170,5 @@ class StrangerTests(SynchronousTestCase):
         cluster = Cluster(self, 3).start()
         stranger = cluster.new_node({"CLUSTER_SECRET": "not-the-cluster-secret"}, member=False)
         self.assertNeverJoins(cluster, stranger)
+        # It did reach node 1, which refused it for its secret.
+        self.assertIn("wrong cluster secret", cluster.nodes[0].output())
