@@ -198,7 +198,7 @@ class NodeService(MultiService):
         port = await self._listen(RootResource(readiness, self.metrics, s3.resource()))
         endpoint_url = self.api_url(port.getHost())
         if not config.api.public_addr:
-            membership.set_local(api_addr=endpoint_url)
+            self.cluster.update_local(api_addr=endpoint_url)
 
         if config.embedded:
             await first_start(

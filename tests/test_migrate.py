@@ -95,7 +95,7 @@ class ApplyMigrationsTests(TestCase):
             await self._tables(db),
             {
                 "schema_migrations", "regions", "tenants", "apps", "policies",
-                "buckets", "tasks", "cluster_ca", "settings",
+                "buckets", "tasks", "cluster_ca", "settings", "removed_nodes",
             },
         )
         self.assertEqual(await apply_migrations(db, "global"), [])
