@@ -605,6 +605,11 @@ SELECT * FROM anvil_put_object(
     %(required)s::text[])
 """
 
+#: L{_PUT_OBJECT} with positional placeholders and the order of its
+#: parameters, worked out once.
+_PUT_OBJECT_NAMES = tuple(_NAMED.findall(_PUT_OBJECT))
+_PUT_OBJECT_SQL = _NAMED.sub("%s", _PUT_OBJECT)
+
 #: The HINT of the error anvil_put_object raises when a content the caller
 #: relied on (dedup, copy) does not exist; its DETAIL lists the hashes.
 _CONTENT_MISSING_HINT = "anvil:content-missing"
@@ -846,11 +851,11 @@ class ObjectStore:
         params = self._object_params(record)
         params.update(_content_params(contents, references))
         params["required"] = sorted(set(require_existing))
-        sql, args = _positional(_PUT_OBJECT, params)
+        args = tuple(params[name] for name in _PUT_OBJECT_NAMES)
 
         async def put() -> ObjectRecord | None:
             try:
-                rows = await self._db.run_query(sql, args)
+                rows = await self._db.run_query(_PUT_OBJECT_SQL, args)
             except psycopg2.errors.RaiseException as e:
                 if e.diag.message_hint != _CONTENT_MISSING_HINT:
                     raise

@@ -178,14 +178,16 @@ def header_map(
     @return: lower-case name to value.
     """
     items = raw.items() if isinstance(raw, Mapping) else raw
-    collected: dict[str, list[str]] = {}
+    collected: dict[str, str] = {}
+    # Runs for every request: joined as it goes, without a list per name.
     for name, value in items:
         key = (name.decode("latin-1") if isinstance(name, bytes) else name).lower()
-        values = [value] if isinstance(value, (bytes, str)) else list(value)
+        values = (value,) if isinstance(value, (bytes, str)) else value
         for one in values:
-            text = one.decode("latin-1") if isinstance(one, bytes) else one
-            collected.setdefault(key, []).append(text.strip())
-    return {key: ",".join(values) for key, values in collected.items()}
+            text = (one.decode("latin-1") if isinstance(one, bytes) else one).strip()
+            previous = collected.get(key)
+            collected[key] = text if previous is None else previous + "," + text
+    return collected
 
 
 def parse_query(raw_query: bytes | str) -> list[tuple[str, str]]:
@@ -376,8 +378,18 @@ class AuthRequest:
 def _parse_amz_date(value: str) -> datetime | None:
     if not _AMZ_DATE.match(value):
         return None
+    # The pattern fixed every position: slicing is strptime's result at a
+    # fraction of its cost (it runs for every signed request).
     try:
-        return datetime.strptime(value, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        return datetime(
+            int(value[0:4]),
+            int(value[4:6]),
+            int(value[6:8]),
+            int(value[9:11]),
+            int(value[11:13]),
+            int(value[13:15]),
+            tzinfo=UTC,
+        )
     except ValueError:
         return None
 
