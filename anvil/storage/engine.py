@@ -526,6 +526,101 @@ class StorageEngine:
                     removed += 1
         return removed
 
+    async def rebuild(self, content: ContentRecord, targets: Mapping[int, str]) -> dict[int, ShardTarget]:
+        """
+        Re-create some shards of a content from its readable ones (repair,
+        rebalance): the content is read through the normal, degraded read
+        path, each stripe re-encoded, and the wanted blocks streamed to a
+        new shard file here or on the peer, which is committed under the
+        content hash (replacing a file of that shard index there, if any).
+
+        Whole stripes are re-encoded rather than the missing blocks decoded
+        alone: zfec's encoder is the only way to get parity blocks, and for
+        a data block it costs no more than a decode.
+
+        @param content: The content (not inline).
+        @param targets: Shard index to the id of the node that gets it.
+        @return: The targets committed; one that failed (its node
+            unreachable, a disk or transfer error) is left out and logged.
+        @raise ContentUnavailable: Fewer than C{k} shards can be read.
+        """
+        if content.inline_data is not None:
+            raise ValueError("an inline content has no shards")
+        params = ErasureParams(content.k, content.m, content.stripe_size)
+        codec = self.codec(params)
+        digest = bytes.fromhex(content.hash)
+        key = secrets.token_bytes(16)
+        sinks: dict[int, Any] = {}
+        failed: dict[int, str] = {}
+        for index, node in sorted(targets.items()):
+            if node == self.placement.node_id:
+                sinks[index] = await _Work(self._io.run(self.shards.open_writer, index, params, digest)).wait()
+                continue
+            address = self.address(node)
+            if address is None:
+                failed[index] = f"node {node} is not reachable"
+            else:
+                sinks[index] = self.peers.open_upload(address, key, index, params)
+        try:
+            pending = bytearray()
+            stripe_size = params.stripe_size
+            async for chunk in self.read(content):
+                pending += chunk
+                while len(pending) >= stripe_size:
+                    await self._rebuild_stripe(codec, bytes(pending[:stripe_size]), sinks, failed)
+                    del pending[:stripe_size]
+            if pending:
+                await self._rebuild_stripe(codec, bytes(pending), sinks, failed)
+            done: dict[int, ShardTarget] = {}
+            for index, sink in list(sinks.items()):
+                try:
+                    if isinstance(sink, ShardWriter):
+                        location = await _Work(
+                            self._io.run(self.shards.commit, sink, digest, content.size)
+                        ).wait()
+                        done[index] = ShardTarget(index, self.placement.node_id, location.data_dir)
+                    else:
+                        await sink.finish()
+                        await sink.commit(digest, content.size)
+                        done[index] = ShardTarget(index, targets[index], sink.data_dir or "")
+                except Exception as e:
+                    failed[index] = f"{type(e).__name__}: {e}"
+                del sinks[index]
+        finally:
+            for sink in sinks.values():
+                if isinstance(sink, ShardWriter):
+                    await _Work(self._io.run(sink.abort)).settle()
+                else:
+                    await sink.abort()
+        for index, reason in sorted(failed.items()):
+            self._log.warn(
+                "rebuilding shard {index} of {content_hash} failed: {reason}",
+                index=index, content_hash=content.hash, reason=reason,
+            )
+        return done
+
+    async def _rebuild_stripe(
+        self, codec: ErasureCodec, data: bytes, sinks: dict[int, Any], failed: dict[int, str]
+    ) -> None:
+        """
+        Encode one stripe and hand the wanted blocks to their sinks; a sink
+        that fails is dropped (and aborted).
+        """
+        blocks = await _Work(self._cpu.run(codec.encode_stripe, data)).wait()
+        for index, sink in list(sinks.items()):
+            try:
+                if isinstance(sink, ShardWriter):
+                    await _Work(self._io.run(sink.write_block, blocks[index])).wait()
+                else:
+                    await sink.write_block(bytes(blocks[index]))
+            except Exception as e:
+                failed[index] = f"{type(e).__name__}: {e}"
+                del sinks[index]
+                if isinstance(sink, ShardWriter):
+                    await _Work(self._io.run(sink.abort)).settle()
+                else:
+                    await sink.abort()
+
     async def clean_temporary(self, older_than: float) -> int:
         """
         Remove temporary shard files left by crashes or lost writers.
