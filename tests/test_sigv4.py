@@ -13,7 +13,7 @@ import hmac
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import botocore.auth
 import botocore.crt.auth
@@ -21,6 +21,8 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.crt.auth import CrtS3SigV4Auth, CrtS3SigV4QueryAuth
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from anvil.s3 import sigv4
@@ -805,6 +807,15 @@ class CanonicalFormTests(SynchronousTestCase):
         self.assertEqual(canonical_uri(b"/b//../x/./"), "/b//../x/./")
         self.assertEqual(canonical_uri(b"/b/$!~"), "/b/%24%21~")
         self.assertEqual(canonical_uri("/b/é"), "/b/%C3%A9")
+
+    @given(st.binary(max_size=40) | st.text(alphabet="ab/%2F~-._+ 7é", max_size=40).map(str.encode))
+    def test_uri_plain_paths(self, path: bytes) -> None:
+        """
+        The shortcut for paths of unreserved characters gives what decoding
+        and re-encoding every segment gives, for any path.
+        """
+        expected = "/".join(quote(unquote_to_bytes(segment), safe="") for segment in path.split(b"/"))
+        self.assertEqual(canonical_uri(path), expected or "/")
 
     def test_query(self) -> None:
         """Queries decode '+' as space, keep empty values and sort by name then value."""

@@ -84,6 +84,9 @@ MAX_PRESIGN_EXPIRES = 7 * 24 * 60 * 60
 _SERVICE = "s3"
 _TERMINAL = "aws4_request"
 _AMZ_DATE = re.compile(r"^\d{8}T\d{6}Z$")
+#: Paths made only of unreserved characters and slashes, which canonical
+#: URI encoding leaves as they are.
+_PLAIN_PATH = re.compile(rb"[A-Za-z0-9\-._~/]*")
 _SCOPE_DATE = re.compile(r"^\d{8}$")
 _HEX_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
@@ -235,6 +238,10 @@ def canonical_uri(raw_path: bytes | str) -> str:
         raw_path = raw_path.encode("utf-8", "surrogateescape")
     if not raw_path:
         return "/"
+    if _PLAIN_PATH.fullmatch(raw_path):
+        # Nothing to decode or encode (the usual key): the path is its own
+        # canonical form.
+        return raw_path.decode("ascii")
     return "/".join(quote(unquote_to_bytes(segment), safe="") for segment in raw_path.split(b"/"))
 
 
