@@ -415,11 +415,15 @@ class RealClusterTests(SynchronousTestCase):
         self.assertNotIn("INIT_CLUSTER", restarted["env"])
         self.assertEqual(restarted["env"]["BOOTSTRAP_ADDRS"], f"127.0.0.1:{base + 101}")
         self.assertEqual(http("GET", nodes[1]["api_url"] + "/ready")[0], 200)
+        # The supervisor started it, so it reaps it and stops it with the rest.
+        with open(f"/proc/{restarted['pid']}/stat") as f:
+            self.assertEqual(int(f.read().rpartition(")")[2].split()[1]), supervisor.pid)
 
         supervisor.send_signal(signal.SIGTERM)
         self.assertEqual(supervisor.wait(90), 0, open(output.name).read())
         for pid in pids + [restarted["pid"]]:
-            self.assertFalse(lc.process_alive(pid), f"pid {pid} still runs")
+            # Gone, not even a zombie: the supervisor reaped every node.
+            self.assertFalse(os.path.exists(f"/proc/{pid}"), f"pid {pid} is left")
         self.assertEqual(postgres_processes(root), [])
         self.assertEqual(lc.load_state(root)["state"], "stopped")
         self.assertIn("Cluster stopped.", open(output.name).read())

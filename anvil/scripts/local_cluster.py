@@ -839,6 +839,11 @@ class LocalCluster:
         """
         Start node C{index} again, joining through every other node.
 
+        While a supervisor runs (C{start} in another process), it is asked
+        to start the node, so that the node is its child: it reaps it when
+        it exits and stops it with the others.  Otherwise this process
+        starts it.
+
         @return: its new pid.
         @raise LocalClusterError: when it is running already or does not
             become ready.
@@ -847,6 +852,22 @@ class LocalCluster:
         record = node_record(state, index)
         if process_alive(record.get("pid"), record["data_dir"]):
             raise LocalClusterError(f"node {index} is running already (pid {record['pid']}).")
+        supervisor = state.get("supervisor_pid")
+        if supervisor and supervisor != os.getpid() and process_alive(supervisor) and state.get("state") == "running":
+            pid = self._ask_supervisor(index, supervisor)
+        else:
+            pid = self._start_node_here(index)
+        if wait:
+            self.wait_ready(load_state(self.root), [index], timeout)
+        return pid
+
+    def _start_node_here(self, index: int) -> int:
+        """
+        Start node C{index} as a child of this process.
+
+        @return: its pid.
+        """
+        state = load_state(self.root)
         if not self.postgres(state).is_running():
             raise LocalClusterError(
                 f"the cluster's PostgreSQL is not running: start the cluster ({PROG} start --dir {self.root})."
@@ -856,9 +877,60 @@ class LocalCluster:
         with locked_state(self.root) as current:
             entry = node_record(current, index)
             entry["pid"], entry["env"] = process.pid, env
-        if wait:
-            self.wait_ready(state, [index], timeout)
         return process.pid
+
+    def _request_path(self, index: int) -> str:
+        return os.path.join(self.root, f".start-node-{index}")
+
+    def _ask_supervisor(self, index: int, supervisor: int, timeout: float = 30.0) -> int:
+        """
+        Ask the running supervisor to start node C{index} (a request file
+        it polls), and wait for its answer in the state.
+
+        @return: the new pid.
+        """
+        token = secrets.token_hex(8)
+        path = self._request_path(index)
+        with open(path + ".tmp", "w") as f:
+            f.write(token)
+        os.replace(path + ".tmp", path)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = node_record(load_state(self.root), index).get("start_result") or {}
+            if answer.get("token") == token:
+                if answer.get("error"):
+                    raise LocalClusterError(answer["error"])
+                return int(answer["pid"])
+            if not process_alive(supervisor):
+                break
+            time.sleep(0.1)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise LocalClusterError(f"the supervisor (pid {supervisor}) did not start node {index}.")
+
+    def serve_requests(self) -> None:
+        """
+        Start the nodes other processes asked for (L{start_node}), and
+        record each outcome for the asker.
+        """
+        for record in load_state(self.root)["nodes"]:
+            index = record["index"]
+            path = self._request_path(index)
+            try:
+                with open(path) as f:
+                    token = f.read().strip()
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            result: dict[str, Any] = {"token": token}
+            try:
+                if process_alive(record.get("pid"), record["data_dir"]):
+                    raise LocalClusterError(f"node {index} is running already (pid {record['pid']}).")
+                result["pid"] = self._start_node_here(index)
+            except LocalClusterError as e:
+                result["error"] = str(e)
+            with locked_state(self.root) as current:
+                node_record(current, index)["start_result"] = result
 
     # -- the whole cluster
 
@@ -918,11 +990,12 @@ class LocalCluster:
 
     def supervise(self, stop: threading.Event, poll: float = 0.5) -> None:
         """
-        Report nodes that stop or come back until C{stop} is set; reap our
-        own children meanwhile.
+        Report nodes that stop or come back until C{stop} is set, start the
+        nodes C{start-node} asks for, and reap our children meanwhile.
         """
         seen = self.node_pids()
         while not stop.wait(poll):
+            self.serve_requests()
             now = self.node_pids()
             for index in sorted(set(seen) | set(now)):
                 before, after = seen.get(index), now.get(index)
