@@ -193,14 +193,16 @@ class RegionProxy:
 
     def endpoint_for(self, region: str) -> str | None:
         """
-        @return: The API URL of a random alive member of C{region}, or
-            L{None} when none is known.
+        @return: The API URL of a random alive member of C{region} (a
+            suspect one when none is alive: suspicion is often a slow node,
+            not a dead one), or L{None} when none is known.
         """
-        candidates = [
-            m.api_addr
-            for m in self._members()
-            if m.region == region and m.api_addr and getattr(m.state, "value", m.state) == "alive"
-        ]
+        by_state: dict[str, list[str]] = {"alive": [], "suspect": []}
+        for member in self._members():
+            state = getattr(member.state, "value", member.state)
+            if member.region == region and member.api_addr and state in by_state:
+                by_state[state].append(member.api_addr)
+        candidates = by_state["alive"] or by_state["suspect"]
         if not candidates:
             return None
         return str(self._rng.choice(candidates)).rstrip("/")
@@ -225,7 +227,9 @@ class RegionProxy:
             raise ServiceUnavailable(f"No node of region {region} is reachable at the moment.")
         outgoing = Headers()
         for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.decode("latin-1").lower() not in _HOP_BY_HOP:
+            lower = name.decode("latin-1").lower()
+            # The agent frames the body itself, from the producer's length.
+            if lower not in _HOP_BY_HOP and lower != "content-length":
                 outgoing.setRawHeaders(name, values)
         outgoing.setRawHeaders(PROXIED_BY.encode("ascii"), [self._node_id.encode("ascii")])
         length = headers.get("content-length")
