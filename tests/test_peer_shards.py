@@ -468,6 +468,33 @@ class ShardTransferTests(TestCase):
             await self.h.client.list_shards(self.h.addr, "not-a-cursor")
         self.assertEqual(caught.exception.status, 400)
 
+    async def test_delete_one_shard(self) -> None:
+        """
+        delete_shard removes exactly one shard of a content (in whichever
+        data directory it is) and says whether there was one; the other
+        shards still read back.
+        """
+        data = _content(3 * PARAMS.stripe_size + 17)
+        digest, shards = await self.h.upload(data)
+        path = self.h.store.locate(digest, 2)
+        assert path is not None
+        self.assertTrue(await self.h.client.delete_shard(self.h.addr, digest, 2))
+        self.assertFalse(os.path.exists(path))
+        self.assertIsNone(self.h.store.locate(digest, 2))
+        self.assertFalse(await self.h.client.delete_shard(self.h.addr, digest, 2))
+        self.assertFalse(await self.h.client.stat_shard(self.h.addr, digest, 2))
+        left = await self.h.client.list_shards(self.h.addr)
+        self.assertEqual([i for _, i, _ in left], [0, 1, 3, 4, 5])
+        batch = await self.h.client.read_blocks(self.h.addr, digest, 5, PARAMS, len(data), 0, len(shards[5]))
+        self.assertEqual(batch.blocks, shards[5])
+        with self.assertRaises(PeerError) as caught:
+            await self.h.client.request("shard_delete", "DELETE", self.h.client.url(self.h.addr, f"/{digest.hex()}/x"))
+        self.assertEqual(caught.exception.status, 400)
+        deleted = self.h.metrics.registry.get_sample_value(
+            "anvil_peer_requests_total", {"kind": "shard_delete", "outcome": "ok"}
+        )
+        self.assertEqual(deleted, 2)
+
     async def test_metrics(self) -> None:
         """
         Each request counts once in peer_requests by kind and outcome.

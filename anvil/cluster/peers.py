@@ -525,6 +525,21 @@ class PeerClient:
         _, _, body = await self.request("shard_delete", "DELETE", url)
         return int(json.loads(body)["removed"])
 
+    async def delete_shard(self, addr: str, content_hash: bytes, index: int) -> bool:
+        """
+        Remove one shard of a content on a peer (the others stay), from
+        every data directory of the peer holding it.
+
+        @param addr: The peer's cluster address.
+        @param content_hash: The content's SHA-256 digest.
+        @param index: The shard index.
+        @return: Whether the peer removed a file (C{False}: it had none).
+        @raise PeerError: The peer could not be asked.
+        """
+        url = self.url(addr, f"/{content_hash.hex()}/{int(index)}")
+        _, _, body = await self.request("shard_delete", "DELETE", url)
+        return bool(json.loads(body)["removed"])
+
     async def list_shards(
         self, addr: str, after: str = "", limit: int = 1000
     ) -> list[tuple[str, int, int]]:

@@ -16,6 +16,7 @@ index in decimal::
     GET    /<hash>/<index>?k=&m=&stripe_size=&length=&first=&count=
                                                          read blocks
     HEAD   /<hash>/<index>                               stat one shard
+    DELETE /<hash>/<index>                               delete one shard
     DELETE /<hash>                                       delete a content
     GET    /?after=&limit=                               list shards
 
@@ -55,7 +56,9 @@ C{stripe=None}.
 B{HEAD} answers C{200} with the shard's geometry in C{Anvil-K},
 C{Anvil-M}, C{Anvil-Stripe-Size} and C{Anvil-Content-Length} when the
 shard exists and its header and size are sound. B{DELETE} of a content
-answers C{{"removed": n}}. B{list} answers C{{"shards": [[hash, index,
+answers C{{"removed": n}}; B{DELETE} of one shard (a rebalance moved it
+elsewhere) answers C{{"removed": true}} or C{{"removed": false}} when there
+was no such shard, from every data directory. B{list} answers C{{"shards": [[hash, index,
 size], ...], "next": cursor or null}} in (hash, index) order; pass
 C{next} as C{after} for the following page.
 
@@ -442,6 +445,10 @@ class ShardServer(Resource):
             if method == b"HEAD":
                 request.anvil_operation = "ShardStat"
                 return await self._head(request, content_hash, index)
+            if method == b"DELETE":
+                request.anvil_operation = "ShardDeleteOne"
+                deleted = await self._io.run(self._store.delete, content_hash, index)
+                return self._json(request, {"removed": bool(deleted)})
         raise _bad("Unknown shard request.")
 
     # -- uploads ---------------------------------------------------------------
