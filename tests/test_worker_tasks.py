@@ -94,12 +94,15 @@ class RegistryTests(SynchronousTestCase):
 
     def test_node_registry(self) -> None:
         """
-        The node runs gc, scrub, the task queue and the gauges; the command
-        offers gc, scrub, repair, rebalance and (planned) sweep.
+        The node runs gc, scrub, the sweep, the orphan collector, the task
+        queue and the gauges; the command offers gc, orphans, scrub, sweep,
+        repair and rebalance; repair, evacuate and member_down tasks have
+        handlers.
         """
         daemon = sorted(name for name, spec in REGISTRY.workers.items() if spec.daemon)
-        self.assertEqual(daemon, ["gc", "scrub", "stats", "task-stats", "tasks"])
-        self.assertEqual(REGISTRY.command_names(), ["gc", "rebalance", "repair", "scrub", "sweep"])
+        self.assertEqual(daemon, ["gc", "orphans", "scrub", "stats", "sweep", "task-stats", "tasks"])
+        self.assertEqual(REGISTRY.command_names(), ["gc", "orphans", "rebalance", "repair", "scrub", "sweep"])
+        self.assertEqual(REGISTRY.task_kinds, ["evacuate", "member_down", "repair"])
 
     def test_planned_and_unknown_refused(self) -> None:
         """
@@ -107,12 +110,14 @@ class RegistryTests(SynchronousTestCase):
         with a sentence saying why.
         """
         ctx: Any = None
+        registry = WorkerRegistry()
+        registry.planned["defrag"] = "Defragmenting is not in this build yet."
         with self.assertRaises(InvalidArgument) as planned:
-            REGISTRY.build("sweep", ctx)
+            registry.build("defrag", ctx)
         self.assertIn("not in this build", str(planned.exception))
         with self.assertRaises(InvalidArgument) as unknown:
             REGISTRY.build("defrag", ctx)
-        self.assertIn("gc, rebalance, repair, scrub, sweep", str(unknown.exception))
+        self.assertIn("gc, orphans, rebalance, repair, scrub, sweep", str(unknown.exception))
 
     def test_registering_a_planned_worker(self) -> None:
         """
@@ -178,7 +183,7 @@ class ContextTests(TestCase):
         times its interval, and it keeps its state in the data directory.
         """
         services = REGISTRY.build_services(self.ctx)
-        self.assertEqual(sorted(services), ["gc", "scrub", "stats", "task-stats", "tasks"])
+        self.assertEqual(sorted(services), ["gc", "orphans", "scrub", "stats", "sweep", "task-stats", "tasks"])
         for name, service in services.items():
             self.assertIsInstance(service, PeriodicWorker)
             self.assertEqual(service.name, f"worker-{name}")
@@ -223,9 +228,10 @@ class ContextTests(TestCase):
         repair_id = await queue.enqueue("repair", {"content_hash": "ab", "shard_index": 1})
         rebalance_id = await queue.enqueue("rebalance", {})
 
-        empty = await REGISTRY.run_once("repair", self.context())
+        empty = await REGISTRY.run_once("rebalance", self.context())
         self.assertEqual((empty["tasks_run"], empty["kinds"]), (0, []))
-        self.assertIn("no handler is registered for repair tasks", empty["note"])
+        self.assertIn("no handler is registered for rebalance tasks", empty["note"])
+        self.assertEqual((await queue.get(rebalance_id)).state, "pending")
         self.assertEqual((await queue.get(repair_id)).state, "pending")
 
         seen: list[Task] = []

@@ -490,9 +490,52 @@ REGISTRY.add_worker(
         "task-stats", _build_task_stats, lambda config: 30.0, _nothing, command=False, run_at_start=True
     )
 )
-REGISTRY.planned["sweep"] = (
-    "The sweep worker is not in this build yet (it compares shard maps with membership and "
-    "the files peers report); nothing was run."
+# Repair, evacuation, the sweep and the orphan collector (anvil.worker.repair,
+# anvil.worker.sweep).  The three task kinds share one Repairer per context.
+
+
+def _repairer(ctx: WorkerContext) -> Any:
+    from anvil.worker.repair import Repairer
+
+    repairer = getattr(ctx, "_repairer", None)
+    if repairer is None:
+        repairer = Repairer.for_node(ctx)
+        setattr(ctx, "_repairer", repairer)
+    return repairer
+
+
+def _build_sweep(ctx: WorkerContext) -> IWorkerTask:
+    from anvil.worker.sweep import Sweeper
+
+    return Sweeper.for_node(ctx)
+
+
+def _build_orphans(ctx: WorkerContext) -> IWorkerTask:
+    from anvil.worker.sweep import OrphanCollector
+
+    return OrphanCollector.for_node(ctx)
+
+
+REGISTRY.add_worker(
+    WorkerSpec(
+        "sweep",
+        _build_sweep,
+        lambda config: config.worker.sweep_interval,
+        _report_json,
+        help="compare the region's shard maps with membership and the files nodes hold; enqueue repairs",
+    )
 )
-# Task handlers: REGISTRY.add_handler(kind, factory) for "repair",
-# "delete_shards", "evacuate", "rebalance" as they are built.
+REGISTRY.add_worker(
+    WorkerSpec(
+        "orphans",
+        _build_orphans,
+        lambda config: config.worker.sweep_interval,
+        _report_json,
+        help="remove this node's shard files no content records (older than gc_grace)",
+    )
+)
+REGISTRY.add_handler("repair", lambda ctx: _repairer(ctx).handle)
+REGISTRY.add_handler("evacuate", lambda ctx: _repairer(ctx).handle_evacuate)
+REGISTRY.add_handler("member_down", lambda ctx: _repairer(ctx).handle_member_down)
+# Task handlers still to come: REGISTRY.add_handler(kind, factory) for
+# "delete_shards" and "rebalance" as they are built.
