@@ -297,7 +297,10 @@ class _RemoteAccess:
         else:
             rows = await ctx.global_db.run_query("SELECT cert_pem FROM cluster_ca")
             if not rows:
-                raise RepairError("There is no cluster CA in the global database: no node has started.")
+                raise RepairError(
+                    "There is no cluster CA in the global database (no node has started yet); "
+                    "this command needs the node running."
+                )
             pem = rows[0][0]
             ca = ClusterCA.from_certificate_pem(pem.encode("ascii") if isinstance(pem, str) else bytes(pem))
         if cluster.node_cert_file:
