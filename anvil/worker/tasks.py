@@ -20,8 +20,11 @@ interval and a summary of a pass's result:
   - C{scrub}: the scrubber (L{anvil.worker.scrub}), paced in the daemon,
     unpaced when run by hand;
   - C{tasks} (daemon): drains the task queue for every kind with a
-    handler, most urgent first; C{repair} and C{rebalance} (commands) run
-    the same L{TaskWorker} restricted to that kind;
+    handler, most urgent first; C{repair} (command) runs the same
+    L{TaskWorker} restricted to that kind;
+  - C{rebalance}: moves shards towards the placement of the current
+    members (L{anvil.worker.rebalance}), after membership changes in the
+    daemon, at once when run by hand;
   - C{stats} and C{task-stats} (daemon): refresh the usage and task-queue
     gauges.
 
@@ -402,6 +405,21 @@ def _summarize_tasks(task: Any, ran: int) -> dict[str, Any]:
     return summary
 
 
+def _build_rebalance(ctx: WorkerContext) -> IWorkerTask:
+    from anvil.worker.rebalance import Rebalancer
+
+    # The daemon's context is the paced one: its passes follow the daemon's
+    # rules (one rebalancer per region, after membership changes), while
+    # run-once does a pass at once.
+    return Rebalancer.for_node(ctx, daemon=ctx.paced)
+
+
+def _rebalance_interval() -> float:
+    from anvil.worker.rebalance import CHECK_INTERVAL
+
+    return CHECK_INTERVAL
+
+
 def _build_stats(ctx: WorkerContext) -> IWorkerTask:
     from anvil.worker.stats import UsageStats
 
@@ -474,11 +492,10 @@ REGISTRY.add_worker(
 REGISTRY.add_worker(
     WorkerSpec(
         "rebalance",
-        _kind_worker("rebalance"),
-        lambda config: config.worker.task_poll_interval,
-        _summarize_tasks,
-        daemon=False,
-        help="run the pending rebalance tasks of this region",
+        _build_rebalance,
+        lambda config: _rebalance_interval(),
+        _report_json,
+        help="move shards towards the placement of the region's current members (throttled)",
     )
 )
 # Usage and queue gauges are refreshed here, never computed per scrape.
@@ -538,4 +555,5 @@ REGISTRY.add_handler("repair", lambda ctx: _repairer(ctx).handle)
 REGISTRY.add_handler("evacuate", lambda ctx: _repairer(ctx).handle_evacuate)
 REGISTRY.add_handler("member_down", lambda ctx: _repairer(ctx).handle_member_down)
 # Task handlers still to come: REGISTRY.add_handler(kind, factory) for
-# "delete_shards" and "rebalance" as they are built.
+# "delete_shards" as it is built.  Rebalancing is the periodic "rebalance"
+# worker above (anvil.worker.rebalance), not a task kind.
