@@ -31,6 +31,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -279,6 +280,8 @@ class Cluster:
         self.region = region
         self.k, self.m = k, m
         self.root = short_tmpdir(testcase)
+        # Runs after the nodes are stopped and before the directory goes.
+        testcase.addCleanup(self.keep_logs)
         self.env: dict[str, str] = {
             "GLOBAL_DATABASE_URL": fresh_database(testcase, "cg"),
             "REGIONAL_DATABASE_URL": fresh_database(testcase, "cr"),
@@ -297,6 +300,7 @@ class Cluster:
         }
         self.nodes: list[ClusterNode] = []
         self._strangers = 0
+        self._stranger_nodes: list[ClusterNode] = []
         for _ in range(size):
             self.new_node()
         self.nodes[0].set_join(True, [])
@@ -324,6 +328,8 @@ class Cluster:
             node.set_join(False, [self.nodes[0].cluster_addr])
         if member:
             self.nodes.append(node)
+        else:
+            self._stranger_nodes.append(node)
         return node
 
     # -- lifecycle
@@ -432,6 +438,18 @@ class Cluster:
                 read_timeout=read_timeout,
             ),
         )
+
+    def keep_logs(self) -> None:
+        """
+        Copy every node's log to C{cluster-logs/<test id>/} in the trial
+        working directory, for looking into failures after the data dirs
+        are gone.
+        """
+        target = os.path.join(os.getcwd(), "cluster-logs", self.testcase.id())
+        os.makedirs(target, exist_ok=True)
+        for node in self.nodes + self._stranger_nodes:
+            if os.path.exists(node.proc.log_path):
+                shutil.copy(node.proc.log_path, os.path.join(target, f"node-{node.index}.log"))
 
     def logs(self) -> str:
         """The tails of every node's log, for failure messages."""

@@ -104,7 +104,10 @@ class ClusterS3Tests(SynchronousTestCase):
     def assertAllReadable(self, client: Any, where: str) -> None:
         """Every object reads back byte-exact, and so do two ranges."""
         for key, data in self.expected.items():
-            got = read(client, key)
+            try:
+                got = read(client, key)
+            except ClientError as e:
+                raise AssertionError(f"GET {key} {where}: {e}\n{self.cluster.logs()}") from None
             self.assertEqual(len(got), len(data), f"{key} length {where}")
             self.assertTrue(got == data, f"{key} bytes differ {where}")
         big = self.expected["many-stripes"]
