@@ -3,7 +3,7 @@
 Tests for L{anvil.worker.rebalance}: the move planning against
 L{anvil.storage.placement.assign}, and passes of L{Rebalancer} over
 in-memory contents, a recording engine and a simulated clock.  The real
-multi-node path is in L{tests.integration.test_rebalance_cluster}.
+multi-node path is in L{tests.integration.test_rebalance}.
 """
 
 from __future__ import annotations

@@ -1,0 +1,165 @@
+# -*- test-case-name: tests.integration.test_rebalance -*-
+"""
+Rebalancing on a real cluster: four nodes (erasure 4+2, so two of them
+hold two shards of every content) take objects; two nodes join; one
+C{anvil-admin worker run-once rebalance} with node 1's environment moves
+shards until every content's shard map has the six-node placement's shard
+count on every node (one each), the files follow the maps (new ones on the
+newcomers, the old ones deleted), the summary counts the moves, and every
+object still reads back byte-exact through every node.
+
+The shard maps are read from the regional database directly (psycopg2),
+which is what the test compares with L{anvil.storage.placement.assign}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from typing import Any
+
+import psycopg2
+from twisted.trial.unittest import SynchronousTestCase
+
+from anvil.storage.placement import ShardMap, assign
+from anvil.worker.rebalance import plan_moves
+from tests.integration.cluster import Cluster
+
+KiB = 1024
+MiB = 1024 * KiB
+STRIPE = 64 * KiB
+REGION = "us-west-2"
+BUCKET = "growing"
+
+
+def body(name: str, size: int) -> bytes:
+    """Deterministic bytes of C{size}, different for every C{name}."""
+    seed = hashlib.sha256(name.encode()).digest()
+    block = b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(1024))
+    return (block * (size // len(block) + 1))[:size]
+
+
+#: key -> body: an inline object and sharded ones of one and many stripes.
+OBJECTS: dict[str, bytes] = {
+    "inline": body("inline", 700),
+    **{f"obj-{n}": body(f"obj-{n}", 100 * KiB + n * 37 * KiB) for n in range(10)},
+    "big": body("big", 2 * MiB + 3),
+}
+PARTS = [body("part-1", 5 * MiB), body("part-2", 123 * KiB)]
+MULTIPART = "multi"
+
+
+class RebalanceClusterTests(SynchronousTestCase):
+    """
+    Four nodes, then six: one rebalance pass spreads every content over
+    the six.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = Cluster(self, 4, k=4, m=2, region=REGION, env={"ANVIL_STRIPE_SIZE": str(STRIPE)}).start()
+
+    def shard_maps(self) -> dict[str, ShardMap]:
+        """content hash -> recorded shard map, for contents with shards."""
+        conn = psycopg2.connect(self.cluster.env["REGIONAL_DATABASE_URL"], connect_timeout=10)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT hash, shard_map FROM contents WHERE inline_data IS NULL")
+                rows = cursor.fetchall()
+        finally:
+            conn.close()
+        maps = {h: ShardMap.from_json(m or {}) for h, m in rows}
+        return {h: m for h, m in maps.items() if m.targets}
+
+    def files(self) -> set[tuple[str, str, int]]:
+        """(node id, content hash, index) of every committed shard file."""
+        found = set()
+        for node in self.cluster.nodes:
+            for path in node.shard_files():
+                content, index = os.path.basename(path).split(".")
+                found.add((node.node_id, content, int(index)))
+        return found
+
+    def put_objects(self, client: Any) -> dict[str, bytes]:
+        """Write every object; return key -> bytes expected back."""
+        client.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+        for key, data in OBJECTS.items():
+            client.put_object(Bucket=BUCKET, Key=key, Body=data)
+        upload = client.create_multipart_upload(Bucket=BUCKET, Key=MULTIPART)["UploadId"]
+        etags = [
+            client.upload_part(Bucket=BUCKET, Key=MULTIPART, UploadId=upload, PartNumber=n, Body=part)["ETag"]
+            for n, part in enumerate(PARTS, 1)
+        ]
+        client.complete_multipart_upload(
+            Bucket=BUCKET,
+            Key=MULTIPART,
+            UploadId=upload,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in enumerate(etags, 1)]},
+        )
+        return {**OBJECTS, MULTIPART: b"".join(PARTS)}
+
+    def assertReadable(self, expected: dict[str, bytes], where: str) -> None:
+        """Every object reads back byte-exact through every node."""
+        for node in self.cluster.nodes:
+            client = self.cluster.client(node)
+            for key, data in expected.items():
+                got = bytes(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+                self.assertTrue(got == data, f"{key} differs through node {node.index} {where}")
+
+    def test_join_two_then_rebalance(self) -> None:
+        """
+        After two nodes join, one rebalance pass leaves every content with
+        one shard on each of the six nodes, the files where the maps say
+        (and nowhere else), and every object readable.
+        """
+        cluster = self.cluster
+        expected = self.put_objects(cluster.client())
+        before = self.shard_maps()
+        old_ids = {n.node_id for n in cluster.nodes}
+        self.assertGreaterEqual(len(before), len(OBJECTS))
+        for content, shard_map in before.items():
+            self.assertEqual(shard_map.nodes(), old_ids, f"{content} spread over the four nodes")
+        self.assertEqual(
+            self.files(), {(t.node, h, t.index) for h, m in before.items() for t in m.targets}
+        )
+
+        for _ in range(2):
+            cluster.new_node().start()
+        for node in cluster.nodes[4:]:
+            node.wait_ready()
+        cluster.wait_converged()
+        all_ids = sorted(n.node_id for n in cluster.nodes)
+        wanted_moves = sum(len(plan_moves(m, all_ids, 6)) for m in before.values())
+        # Four nodes, six shards: two nodes hold two of every content, and
+        # one of those two shards moves to a newcomer.
+        self.assertEqual(wanted_moves, 2 * len(before))
+
+        result = cluster.nodes[0].admin("worker", "run-once", "rebalance", "--json", timeout=300)
+        summary = json.loads(result.stdout)
+        self.assertEqual(summary["worker"], "rebalance")
+        self.assertTrue(summary["complete"], summary)
+        self.assertEqual(summary["members"], 6)
+        self.assertEqual(summary["contents_checked"], len(before))
+        self.assertEqual((summary["failed"], summary["conflicts"], summary["old_left"]), (0, 0, 0), summary)
+        self.assertEqual(summary["moves"], wanted_moves)
+        self.assertEqual(summary["contents_moved"], len(before))
+        self.assertGreater(summary["moved_bytes"], 0)
+
+        after = self.shard_maps()
+        self.assertEqual(set(after), set(before))
+        for content, shard_map in after.items():
+            key = bytes.fromhex(shard_map.key)
+            self.assertEqual(shard_map.key, before[content].key)
+            self.assertEqual(
+                Counter(t.node for t in shard_map.targets), Counter(assign(key, all_ids, 6)), content
+            )
+            self.assertEqual(shard_map.nodes(), set(all_ids))
+        self.assertEqual(
+            self.files(), {(t.node, h, t.index) for h, m in after.items() for t in m.targets}
+        )
+        self.assertReadable(expected, "after the rebalance")
+
+        # A second pass finds the cluster balanced.
+        again = json.loads(cluster.nodes[3].admin("worker", "run-once", "rebalance", "--json").stdout)
+        self.assertEqual((again["moves"], again["contents_checked"]), (0, len(before)))
