@@ -348,7 +348,7 @@ class RepairTests(TestCase):
         no node are rebuilt on an alive member, and the map records it.
         """
         await self.stack.global_db.run_operation("INSERT INTO removed_nodes (node_id) VALUES ('gone')")
-        self.members.append(member("dead", MemberState.DEAD))
+        self.members += [member("dead", MemberState.DEAD), member("peer")]
         cases = {
             (0, "gone"): "node gone removed",
             (1, "dead"): "node dead dead",
@@ -373,6 +373,21 @@ class RepairTests(TestCase):
             assert current is not None
             self.assertEqual({t.node for t in ShardMap.from_json(current.shard_map).targets}, {"local"})
             self.assertEqual(await self.read(record), data)
+
+    async def test_unknown_nodes_before_joining(self) -> None:
+        """
+        A node that sees no other member yet (gossip has not joined it)
+        does not take the members it does not know for gone.
+        """
+        record = await self.store(os.urandom(30_000))
+        parsed = ShardMap.from_json(record.shard_map)
+        nodes = [t.node for t in parsed.targets]
+        nodes[1] = "stranger"
+        await self.stack.regional_db.run_operation(
+            "UPDATE contents SET shard_map = %s WHERE hash = %s", (Json(shard_map(nodes, parsed.key)), record.hash)
+        )
+        result = await self.repairer.repair(record.hash)
+        self.assertEqual((result.unhealthy, result.repaired), ({}, {}))
 
     async def test_lost_content_writes_nothing(self) -> None:
         """

@@ -182,6 +182,21 @@ class SweepTests(TestCase):
         await self.sweeper().run_once()
         self.assertEqual((await self.queue.get(task.id)).state, "cancelled")
 
+    async def test_unknown_member_only_once_joined(self) -> None:
+        """
+        A node that knows no other member yet counts shards on members it
+        does not know as healthy; once it sees another member alive, an
+        unknown member is down like a dead one.
+        """
+        await self.store(os.urandom(20_000), {4: "stranger"})
+        alone = await self.sweeper().run_once()
+        self.assertEqual((alone.shards_missing, alone.members_down), (0, []))
+        self.assertEqual(await self.queue.list(kind="member_down"), [])
+        self.members.append(member("peer"))
+        joined = await self.sweeper().run_once()
+        self.assertEqual((joined.shards_missing, joined.members_down), (1, ["stranger"]))
+        self.assertEqual(len(await self.queue.list(kind="member_down")), 1)
+
     async def test_one_sweep_per_interval(self) -> None:
         """
         Of several nodes ticking at once, one claims the interval and

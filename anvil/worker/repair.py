@@ -26,7 +26,8 @@ Which shards are unhealthy
 
 Shard I{i}'s map entry names a node; the shard is unhealthy when that node
 is C{""} (never stored), recorded in C{removed_nodes}, unknown to
-membership, dead or departed; when the node is alive but its file is
+membership (once this node has joined the cluster: a node that sees no
+other member yet knows nothing of the others), dead or departed; when the node is alive but its file is
 missing or its header damaged (a local header check, or the peer's
 C{stat_shard}); or when the task names this very shard on this very node
 and a full read of it (every block's checksum) fails.  A shard whose node
@@ -201,6 +202,17 @@ class ClusterAccess:
         """
         address: str | None = self.engine.address(node_id)
         return address
+
+    def joined(self) -> bool:
+        """
+        Whether this node sees another alive member of its region: until
+        gossip has joined it to the cluster, a node knows only itself, and
+        a member it does not know is not evidence of anything.
+        """
+        return any(
+            m.node_id != self.node_id and m.region == self.region and m.state is MemberState.ALIVE
+            for m in self.members()
+        )
 
     def candidates(self, removed: set[str]) -> list[str]:
         """
@@ -647,6 +659,7 @@ class Repairer:
         from anvil.cluster.peers import PeerError
 
         unhealthy: dict[int, str] = {}
+        joined = access.joined()
         digest = bytes.fromhex(content.hash)
         params = ErasureParams(content.k, content.m, content.stripe_size)
         for target in shard_map.targets:
@@ -659,7 +672,8 @@ class Repairer:
                 continue
             member = access.member(node)
             if member is None:
-                unhealthy[index] = f"node {node} unknown"
+                if joined:
+                    unhealthy[index] = f"node {node} unknown"
                 continue
             if member.state in (MemberState.DEAD, MemberState.LEFT):
                 unhealthy[index] = f"node {node} {member.state.value}"

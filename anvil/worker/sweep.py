@@ -256,6 +256,7 @@ class Sweeper:
         self._dead_after = dead_after
         self._default_total = default_total
         self.forced = forced
+        self._joined = False
 
     @classmethod
     def for_node(cls, ctx: Any) -> Sweeper:
@@ -370,6 +371,7 @@ class Sweeper:
         report = SweepReport()
         counts: dict[int, int] = {n: 0 for n in range(self._default_total + 1)}
         listings = self._listings(access)
+        self._joined = access.joined()
         down: set[str] = set()
         named_removed: set[str] = set()
         after = ""
@@ -454,6 +456,7 @@ class Sweeper:
                             content_hash=content.hash, error=str(e))
             return 0, total, ""
         healthy = 0
+        joined = self._joined
         reasons: list[str] = []
         held: dict[str, set[int] | None] = {}
         for target in targets[:total]:
@@ -466,6 +469,11 @@ class Sweeper:
                 reasons.append(f"{target.index} on removed {node}")
                 continue
             member = access.member(node)
+            if member is None and not joined:
+                # This node has not joined the cluster yet: it knows no
+                # other member, which says nothing about them.
+                healthy += 1
+                continue
             if member is None or member.state in (MemberState.DEAD, MemberState.LEFT):
                 down.add(node)
                 continue
