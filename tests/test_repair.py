@@ -294,9 +294,15 @@ class RepairTests(TestCase):
         return b"".join([chunk async for chunk in self.engine.read(current)])
 
     def path(self, record: ContentRecord, index: int) -> str | None:
+        """
+        Where a shard of the content is on disk, or L{None}.
+        """
         return self.stack.shards.locate(bytes.fromhex(record.hash), index)
 
     def sample(self, name: str) -> float:
+        """
+        A counter's value in the stack's metrics (0 when unset).
+        """
         value = self.stack.metrics.registry.get_sample_value(name)
         return value or 0.0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from twisted.internet import reactor
+
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -122,6 +122,9 @@ class SweepTests(TestCase):
         return record
 
     def gauge(self, metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """
+        One sample of C{metrics}, or L{None} when it is not set.
+        """
         return metrics.registry.get_sample_value(name, labels or {})
 
     async def test_missing_file_enqueues_repair_and_sets_gauges(self) -> None:
@@ -235,11 +238,17 @@ class OrphanTests(TestCase):
         self.clock.advance(time.time() + 1000)
 
     def collector(self) -> OrphanCollector:
+        """
+        The collector under test: node C{"local"}, grace 300 s, pages of 4.
+        """
         return OrphanCollector(
             self.contents, self.stack.shards, self.stack.io, self.clock, node_id="local", grace=300.0, page=4
         )
 
     async def write(self, data: bytes) -> ContentRecord:
+        """
+        Write and commit a content's shards without recording it.
+        """
         writer = self.engine.new_writer()
         await writer.write(data)
         record: ContentRecord = await writer.finish()
@@ -247,10 +256,16 @@ class OrphanTests(TestCase):
         return record
 
     def files(self, record: ContentRecord) -> set[int]:
+        """
+        The shard indices of a content present on disk.
+        """
         digest = bytes.fromhex(record.hash)
         return {i for i in range(6) if self.stack.shards.locate(digest, i) is not None}
 
     def age(self, record: ContentRecord, seconds: float) -> None:
+        """
+        Make a content's shard files look C{seconds} old.
+        """
         digest = bytes.fromhex(record.hash)
         for index in range(6):
             path = self.stack.shards.locate(digest, index)

@@ -107,7 +107,6 @@ from anvil.storage.engine import ContentUnavailable
 from anvil.storage.erasure import ErasureParams
 from anvil.storage.placement import InvalidShardMap, ShardMap, ShardTarget, assign, rank_nodes
 from anvil.storage.shardfile import CorruptShard, ShardReader
-from anvil.storage.shardstore import ShardNotFound
 from anvil.worker.queue import Task, TaskQueue
 
 __all__ = [

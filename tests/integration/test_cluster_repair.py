@@ -163,10 +163,16 @@ class ClusterRepairTests(SynchronousTestCase):
         return True
 
     def check_reads(self) -> None:
+        """
+        Every object reads back exactly.
+        """
         for key, body in self.objects.items():
             self.assertEqual(self.client.get_object(Bucket="data", Key=key)["Body"].read(), body, key)
 
     def total(self, name: str, nodes: list[ClusterNode] | None = None) -> float:
+        """
+        A sample summed over the C{/metrics} of C{nodes} (default: those running).
+        """
         return sum(metric(node, name) for node in nodes or self.cluster.running())
 
     # -- the tests
