@@ -26,6 +26,7 @@ from anvil.worker.queue import TaskQueue
 from anvil.worker.repair import (
     ClusterAccess,
     ContentLost,
+    RepairBacklog,
     Repairer,
     shard_bytes,
 )
@@ -457,6 +458,22 @@ class RepairTests(TestCase):
         repairs = await self.queue.list(kind="repair")
         self.assertEqual(sorted(t.payload["content_hash"] for t in repairs), [HASH_A, HASH_C])
         self.assertEqual({t.region for t in repairs}, {"us-east-1"})
+
+    async def test_backlog_one_unfinished_repair_per_content(self) -> None:
+        """
+        L{RepairBacklog} adds a repair only for contents without an
+        unfinished one (whoever queued it), and only once.
+        """
+        await self.queue.enqueue(
+            "repair", {"content_hash": HASH_A, "shard_index": 2, "node_id": "n"}, region="us-east-1"
+        )
+        done = await self.queue.enqueue("repair", {"content_hash": HASH_C}, region="us-east-1")
+        await self.stack.global_db.run_operation("UPDATE tasks SET state = 'done' WHERE id = %s", (done,))
+        backlog = RepairBacklog(self.stack.global_db, self.queue, "us-east-1")
+        added = [await backlog.add(h, {"reason": "test"}) for h in (HASH_A, HASH_B, HASH_B, HASH_C)]
+        self.assertEqual(added, [False, True, False, True])
+        pending = await self.queue.list(kind="repair", state="pending")
+        self.assertEqual(sorted(t.payload["content_hash"] for t in pending), [HASH_A, HASH_B, HASH_C])
 
     async def test_member_down(self) -> None:
         """

@@ -12,7 +12,7 @@ Task kinds handled here (registered in L{anvil.worker.tasks}):
     shard named: whatever is unhealthy is rebuilt in one read.
   - C{evacuate} C{{"node_id"}}: from C{anvil-admin cluster remove} or a
     member down for longer than C{worker.dead_member_repair_after}: one
-    C{repair} task (unique per content) is enqueued for every content with
+    C{repair} task (one unfinished per content) is enqueued for every content with
     a shard on that node, so that the region's task workers rebuild them all
     in parallel at once.
   - C{member_down} C{{"node_id"}}: enqueued by the sweep, to run
@@ -112,17 +112,13 @@ from anvil.worker.queue import Task, TaskQueue
 __all__ = [
     "ClusterAccess",
     "ContentLost",
+    "RepairBacklog",
     "RepairError",
     "RepairResult",
     "Repairer",
     "cluster_access",
     "shard_bytes",
 ]
-
-#: The payload field repair tasks of one content are unique on (one
-#: unfinished task per content, whoever enqueued it; a scrubber's task,
-#: unique on content and index, also matches it).
-REPAIR_UNIQUE = ("content_hash",)
 
 #: Contents per page when an evacuation walks a node's contents.
 EVACUATE_PAGE = 500
@@ -413,6 +409,52 @@ class RepairResult:
     gone: bool = False
 
 
+class RepairBacklog:
+    """
+    Enqueues repair tasks for many contents, one unfinished task per
+    content: the contents with an unfinished repair are read once (one
+    query), then each new repair is a plain insert.
+
+    L{TaskQueue.enqueue_unique} checks the queue for every task it adds,
+    which for an evacuation of a node holding a hundred thousand contents
+    would compare each new task with every one queued before it.  A
+    repair enqueued meanwhile by someone else (a scrubber) can still make a
+    second task for a content; repairs are idempotent, the second finds
+    nothing to do.
+    """
+
+    def __init__(self, global_db: Any, queue: TaskQueue, region: str) -> None:
+        """
+        @param global_db: the global database (the task table).
+        @param queue: where repairs are enqueued.
+        @param region: the region the repairs are for.
+        """
+        self._db = global_db
+        self._queue = queue
+        self._region = region
+        self._queued: set[str] | None = None
+
+    async def add(self, content_hash: str, payload: Mapping[str, Any]) -> bool:
+        """
+        Enqueue a repair of C{content_hash} unless one is unfinished.
+
+        @param payload: the task's payload (with C{content_hash}).
+        @return: whether a task was added.
+        """
+        if self._queued is None:
+            rows = await self._db.run_query(
+                "SELECT DISTINCT payload->>'content_hash' FROM tasks WHERE kind = 'repair'"
+                " AND state IN ('pending', 'running') AND region IS NOT DISTINCT FROM %s",
+                (self._region,),
+            )
+            self._queued = {r[0] for r in rows if r[0]}
+        if content_hash in self._queued:
+            return False
+        await self._queue.enqueue("repair", {**payload, "content_hash": content_hash}, region=self._region)
+        self._queued.add(content_hash)
+        return True
+
+
 async def removed_nodes(global_db: Any) -> set[str]:
     """
     The node ids recorded in the global C{removed_nodes} table.
@@ -508,16 +550,13 @@ class Repairer:
                     await self._queue.enqueue_unique("evacuate", {"node_id": node_id}, ("node_id",), region=region)
         after = ""
         enqueued = seen = 0
+        backlog = RepairBacklog(self._global_db, self._queue, self._region)
         while True:
             page = await self._contents.with_shards_on(node_id, after, EVACUATE_PAGE)
             for content in page:
-                _, created = await self._queue.enqueue_unique(
-                    "repair",
-                    {"content_hash": content.hash, "node_id": node_id, "reason": f"evacuate {node_id}"},
-                    REPAIR_UNIQUE,
-                    region=self._region,
+                enqueued += await backlog.add(
+                    content.hash, {"node_id": node_id, "reason": f"evacuate {node_id}"}
                 )
-                enqueued += created
             seen += len(page)
             if len(page) < EVACUATE_PAGE:
                 break

@@ -24,9 +24,10 @@ A shard is I{healthy} when its node is alive or suspect and (as far as the
 listing tells) holds the file; a node whose listing failed is given the
 benefit of the doubt.  A content with a shard that is never stored, on a
 removed node, or missing from an alive node's listing gets a C{repair}
-task (unique per content, L{anvil.worker.repair}; the repair itself checks
-every shard again before rebuilding anything, so a listing that raced with
-a write or a repair costs a task that finds nothing to do).  Contents
+task (one unfinished per content, L{anvil.worker.repair.RepairBacklog};
+the repair itself checks every shard again before rebuilding anything, so
+a listing that raced with a write or a repair costs a task that finds
+nothing to do).  Contents
 whose rows were inserted after the pass started are skipped: their files
 may have been committed after the listing passed them.
 
@@ -98,7 +99,7 @@ from anvil.metrics import Metrics
 from anvil.storage.placement import InvalidShardMap, ShardMap
 from anvil.storage.shardstore import shard_cursor
 from anvil.worker.queue import TaskQueue
-from anvil.worker.repair import REPAIR_UNIQUE, AccessFactory, ClusterAccess, cluster_access, removed_nodes
+from anvil.worker.repair import AccessFactory, ClusterAccess, RepairBacklog, cluster_access, removed_nodes
 
 __all__ = ["OrphanCollector", "OrphanReport", "SweepReport", "Sweeper"]
 
@@ -374,6 +375,7 @@ class Sweeper:
         self._joined = access.joined()
         down: set[str] = set()
         named_removed: set[str] = set()
+        backlog = RepairBacklog(self._global_db, self._queue, self._region)
         after = ""
         while True:
             page = await self._contents.page(after, PAGE, created_before=started)
@@ -385,13 +387,7 @@ class Sweeper:
                 if healthy < content.k:
                     report.lost += 1
                 if repairable:
-                    _, created = await self._queue.enqueue_unique(
-                        "repair",
-                        {"content_hash": content.hash, "reason": f"sweep: {repairable}"},
-                        REPAIR_UNIQUE,
-                        region=self._region,
-                    )
-                    report.repairs_enqueued += created
+                    report.repairs_enqueued += await backlog.add(content.hash, {"reason": f"sweep: {repairable}"})
             if len(page) < PAGE:
                 break
             after = page[-1].hash
