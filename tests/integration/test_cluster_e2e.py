@@ -87,9 +87,11 @@ class FailureDetectionTests(SynchronousTestCase):
             )
         elapsed = time.monotonic() - killed
         self.assertLess(elapsed, bound)
+        # A survivor may be suspected for a moment on a loaded machine and
+        # refute it: what matters is that they see each other alive.
+        cluster.wait_converged(bound, survivors)
         for node in survivors:
-            alive = cluster.alive_ids(node)
-            self.assertEqual(alive, {n.node_id for n in survivors})
+            self.assertEqual(cluster.states(node).get(victim_id), "dead")
 
     def test_graceful_leave_and_rejoin(self) -> None:
         """
@@ -136,11 +138,10 @@ class StrangerTests(SynchronousTestCase):
             for node in cluster.nodes:
                 states = cluster.states(node)
                 self.assertNotIn(stranger_id, states, f"node {node.index} lists the stranger")
-                self.assertEqual(
-                    {i for i, s in states.items() if s == "alive"},
-                    members,
-                    f"node {node.index}'s view",
-                )
+                self.assertEqual(set(states), members, f"node {node.index}'s view")
+        # The members stay healthy (a member suspected for a moment on a
+        # loaded machine refutes it).
+        cluster.wait_converged(30, cluster.nodes)
         # It was trying all along, not stopped by a configuration error,
         # and sees none of the members either.
         self.assertTrue(stranger.running, stranger.log_tail())
