@@ -6,7 +6,10 @@ C{anvil-admin worker run-once rebalance} with node 1's environment moves
 shards until every content's shard map has the six-node placement's shard
 count on every node (one each), the files follow the maps (new ones on the
 newcomers, the old ones deleted), the summary counts the moves, and every
-object still reads back byte-exact through every node.
+object still reads back byte-exact through every node.  Then the daemon's
+own worker: three nodes (2+1), a fourth joins, and without any command
+the region's rebalancer moves the shards once the membership has settled,
+counting them on its C{/metrics}, while GETs stay byte-exact.
 
 The shard maps are read from the regional database directly (psycopg2),
 which is what the test compares with L{anvil.storage.placement.assign}.
@@ -25,7 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anvil.storage.placement import ShardMap, assign
 from anvil.worker.rebalance import plan_moves
-from tests.integration.cluster import Cluster
+from tests.integration.cluster import Cluster, wait_until
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -41,6 +44,18 @@ def body(name: str, size: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
+#: Gossip at the default pace, which tolerates a loaded machine (the tests
+#: run beside others): a member is declared dead five seconds after it is
+#: suspected, so a busy node is not mistaken for a dead one whose shards
+#: readers skip.  Nothing here waits for a failure to be detected.
+PATIENT_GOSSIP: dict[str, str] = {
+    "ANVIL_GOSSIP_PERIOD": "1",
+    "ANVIL_GOSSIP_ACK_TIMEOUT": "0.5",
+    "ANVIL_GOSSIP_INDIRECT_PROBES": "2",
+    "ANVIL_SUSPICION_TIMEOUT": "5",
+    "ANVIL_PEER_TIMEOUT": "10",
+}
+
 #: key -> body: an inline object and sharded ones of one and many stripes.
 OBJECTS: dict[str, bytes] = {
     "inline": body("inline", 700),
@@ -51,6 +66,34 @@ PARTS = [body("part-1", 5 * MiB), body("part-2", 123 * KiB)]
 MULTIPART = "multi"
 
 
+def shard_maps(cluster: Cluster) -> dict[str, ShardMap]:
+    """content hash -> recorded shard map, for contents with shards."""
+    conn = psycopg2.connect(cluster.env["REGIONAL_DATABASE_URL"], connect_timeout=10)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT hash, shard_map FROM contents WHERE inline_data IS NULL")
+            rows = cursor.fetchall()
+    finally:
+        conn.close()
+    maps = {h: ShardMap.from_json(m or {}) for h, m in rows}
+    return {h: m for h, m in maps.items() if m.targets}
+
+
+def shard_files(cluster: Cluster) -> set[tuple[str, str, int]]:
+    """(node id, content hash, index) of every committed shard file."""
+    found = set()
+    for node in cluster.nodes:
+        for path in node.shard_files():
+            content, index = os.path.basename(path).split(".")
+            found.add((node.node_id, content, int(index)))
+    return found
+
+
+def mapped(maps: dict[str, ShardMap]) -> set[tuple[str, str, int]]:
+    """(node id, content hash, index) of every shard the maps name."""
+    return {(t.node, h, t.index) for h, m in maps.items() for t in m.targets}
+
+
 class RebalanceClusterTests(SynchronousTestCase):
     """
     Four nodes, then six: one rebalance pass spreads every content over
@@ -58,28 +101,9 @@ class RebalanceClusterTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.cluster = Cluster(self, 4, k=4, m=2, region=REGION, env={"ANVIL_STRIPE_SIZE": str(STRIPE)}).start()
-
-    def shard_maps(self) -> dict[str, ShardMap]:
-        """content hash -> recorded shard map, for contents with shards."""
-        conn = psycopg2.connect(self.cluster.env["REGIONAL_DATABASE_URL"], connect_timeout=10)
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute("SELECT hash, shard_map FROM contents WHERE inline_data IS NULL")
-                rows = cursor.fetchall()
-        finally:
-            conn.close()
-        maps = {h: ShardMap.from_json(m or {}) for h, m in rows}
-        return {h: m for h, m in maps.items() if m.targets}
-
-    def files(self) -> set[tuple[str, str, int]]:
-        """(node id, content hash, index) of every committed shard file."""
-        found = set()
-        for node in self.cluster.nodes:
-            for path in node.shard_files():
-                content, index = os.path.basename(path).split(".")
-                found.add((node.node_id, content, int(index)))
-        return found
+        self.cluster = Cluster(
+            self, 4, k=4, m=2, region=REGION, env={"ANVIL_STRIPE_SIZE": str(STRIPE)}, gossip=PATIENT_GOSSIP
+        ).start()
 
     def put_objects(self, client: Any) -> dict[str, bytes]:
         """Write every object; return key -> bytes expected back."""
@@ -115,14 +139,12 @@ class RebalanceClusterTests(SynchronousTestCase):
         """
         cluster = self.cluster
         expected = self.put_objects(cluster.client())
-        before = self.shard_maps()
+        before = shard_maps(cluster)
         old_ids = {n.node_id for n in cluster.nodes}
         self.assertGreaterEqual(len(before), len(OBJECTS))
         for content, shard_map in before.items():
             self.assertEqual(shard_map.nodes(), old_ids, f"{content} spread over the four nodes")
-        self.assertEqual(
-            self.files(), {(t.node, h, t.index) for h, m in before.items() for t in m.targets}
-        )
+        self.assertEqual(shard_files(cluster), mapped(before))
 
         for _ in range(2):
             cluster.new_node().start()
@@ -146,7 +168,7 @@ class RebalanceClusterTests(SynchronousTestCase):
         self.assertEqual(summary["contents_moved"], len(before))
         self.assertGreater(summary["moved_bytes"], 0)
 
-        after = self.shard_maps()
+        after = shard_maps(cluster)
         self.assertEqual(set(after), set(before))
         for content, shard_map in after.items():
             key = bytes.fromhex(shard_map.key)
@@ -155,11 +177,68 @@ class RebalanceClusterTests(SynchronousTestCase):
                 Counter(t.node for t in shard_map.targets), Counter(assign(key, all_ids, 6)), content
             )
             self.assertEqual(shard_map.nodes(), set(all_ids))
-        self.assertEqual(
-            self.files(), {(t.node, h, t.index) for h, m in after.items() for t in m.targets}
-        )
+        self.assertEqual(shard_files(cluster), mapped(after))
         self.assertReadable(expected, "after the rebalance")
 
         # A second pass finds the cluster balanced.
         again = json.loads(cluster.nodes[3].admin("worker", "run-once", "rebalance", "--json").stdout)
         self.assertEqual((again["moves"], again["contents_checked"]), (0, len(before)))
+
+
+class DaemonRebalanceTests(SynchronousTestCase):
+    """
+    The node's own C{rebalance} worker, without any command: three nodes
+    (erasure 2+1) and a fourth joining.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = Cluster(
+            self, 3, k=2, m=1, region=REGION, env={"ANVIL_STRIPE_SIZE": str(STRIPE)}, gossip=PATIENT_GOSSIP
+        ).start()
+
+    def test_daemon_moves_after_a_join(self) -> None:
+        """
+        Once a fourth node has joined and the membership has settled, the
+        region's rebalancer (the node with the smallest id) moves the
+        shards the four-node placement gives the newcomer, counts them on
+        its C{/metrics}, and GETs are byte-exact throughout.
+        """
+        from tests.integration.test_cluster_repair import Reader, metric
+
+        cluster = self.cluster
+        client = cluster.client()
+        client.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+        objects = {f"d-{n}": body(f"d-{n}", 70 * KiB + n * 10 * KiB) for n in range(16)}
+        for key, data in objects.items():
+            client.put_object(Bucket=BUCKET, Key=key, Body=data)
+        before = shard_maps(cluster)
+        cluster.new_node().start().wait_ready()
+        cluster.wait_converged()
+        all_ids = sorted(n.node_id for n in cluster.nodes)
+        wanted = sum(len(plan_moves(m, all_ids, 3)) for m in before.values())
+        self.assertGreater(wanted, 0)
+        rebalancer = next(n for n in cluster.nodes if n.node_id == all_ids[0])
+
+        def balanced() -> bool:
+            maps = shard_maps(cluster)
+            return all(
+                Counter(t.node for t in m.targets) == Counter(assign(bytes.fromhex(m.key), all_ids, 3))
+                for m in maps.values()
+            )
+
+        with Reader(cluster, BUCKET, objects, cluster.nodes) as reader:
+            # A check every 30 s, a pass once the members have been the
+            # same for 60 s.
+            wait_until(balanced, 240, f"the daemon balancing the shards\n{cluster.logs()}", interval=2.0)
+        self.assertEqual(reader.errors[:5], [], f"{len(reader.errors)} failed reads\n{cluster.logs()}")
+        self.assertGreater(reader.reads, 0)
+        self.assertEqual(metric(rebalancer, "anvil_rebalance_moves_total"), wanted)
+        self.assertGreater(metric(rebalancer, "anvil_rebalance_moved_bytes_total"), 0)
+        others = [n for n in cluster.nodes if n is not rebalancer]
+        self.assertEqual(sum(metric(n, "anvil_rebalance_moves_total") for n in others), 0)
+        # The old file goes a moment after the map changes.
+        wait_until(
+            lambda: shard_files(cluster) == mapped(shard_maps(cluster)),
+            30,
+            "the shard files following the maps",
+        )
