@@ -83,6 +83,9 @@ class BackupRestoreTests(SynchronousTestCase):
             m=1,
             region=REGION,
             env={"ANVIL_STRIPE_SIZE": str(STRIPE)},
+            # The default gossip pace: nothing here waits for a failure to
+            # be detected, and a loaded machine must not flap members.
+            gossip={},
         ).start()
         self.dumps = self.cluster.root
 
