@@ -60,11 +60,11 @@ compare-and-set).  When another repair won meanwhile, the map is read again
 and the decision made again (usually: nothing left to do); the files this
 attempt wrote and nobody records are orphans the orphan collector
 (L{anvil.worker.sweep.OrphanCollector}) removes after the grace period.
-After a successful swap, the replaced shard files are removed where that is
-safe: a local one by its index; a peer's with
-L{anvil.cluster.peers.PeerClient.delete_content} only when the new map
-names that node for no shard of the content (that call removes every
-index), otherwise it stays for the orphan collector.
+After a successful swap, the replaced shard files are removed where they
+can be reached (a local one by its index, a peer's with
+L{anvil.cluster.peers.PeerClient.delete_shard}); the map no longer names
+them, so they are orphans by definition, and one that cannot be reached
+now is left to the orphan collector of its node.
 
 A rebuilt shard counts once in C{anvil_shard_repairs_total}, and its block
 bytes (the content's bytes divided among C{k} blocks per stripe, exactly
@@ -842,35 +842,25 @@ class Repairer:
         access: ClusterAccess,
     ) -> None:
         """
-        Remove the replaced shard files where that is safe (see the module
-        docstring); failures leave orphans, never errors.
+        Remove the replaced shard files where they can be reached (see the
+        module docstring); failures leave orphans, never errors.
         """
         digest = bytes.fromhex(content.hash)
-        new_nodes = {
-            changes[t.index][1].node if t.index in changes else t.node for t in shard_map.targets
-        }
-        remote: set[str] = set()
         for index, (old, target) in sorted(changes.items()):
             if not old or old == target.node:
                 continue
-            if old == access.node_id:
-                try:
-                    await self._io.run(self._shards.delete, digest, index)
-                except OSError as e:
-                    self._log.warn("Removing replaced shard {index} of {content_hash}: {error}",
-                                   index=index, content_hash=content.hash, error=str(e))
-            elif old not in new_nodes:
-                remote.add(old)
-        for node in sorted(remote):
-            address = access.address(node)
-            if address is None or access.peers is None:
-                continue
             try:
-                await access.peers.delete_content(address, digest)
+                if old == access.node_id:
+                    await self._io.run(self._shards.delete, digest, index)
+                    continue
+                address = access.address(old)
+                if address is None or access.peers is None:
+                    continue
+                await access.peers.delete_shard(address, digest, index)
             except Exception as e:
                 self._log.info(
-                    "Replaced shards of {content_hash} on {node} stay as orphans: {error}",
-                    content_hash=content.hash, node=node, error=str(e),
+                    "Replaced shard {index} of {content_hash} on {node} stays as an orphan: {error}",
+                    index=index, content_hash=content.hash, node=old, error=str(e),
                 )
 
 
