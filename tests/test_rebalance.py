@@ -638,7 +638,8 @@ class NodeContextTests(TestCase):
         """
         C{run_once("rebalance")} checks every sharded content (inline ones
         have no shards) and, the node being alone, moves nothing; a due
-        repair task holds the pass back, one backing off does not.
+        repair task holds the pass back, one backing off does not, nor
+        another region's; a due member_down check does.
         """
         from anvil.worker.tasks import REGISTRY
 
@@ -665,7 +666,15 @@ class NodeContextTests(TestCase):
         await self.stack.global_db.run_query(
             "UPDATE tasks SET run_after = %s WHERE id = %s RETURNING id", (later, task_id)
         )
-        other_region = await ctx.queue.enqueue("evacuate", {"node_id": "x"}, region="elsewhere")
+        # Another region's evacuation, and a member_down check not due yet.
+        await ctx.queue.enqueue("evacuate", {"node_id": "x"}, region="elsewhere")
+        down = await ctx.queue.enqueue("member_down", {"node_id": "y"}, region=self.stack.region, run_after=later)
         summary = await REGISTRY.run_once("rebalance", self.context())
         self.assertEqual((summary.get("skipped"), summary["contents_checked"]), (None, 3))
-        self.assertTrue(other_region)
+
+        # Once due, the member_down check may become an evacuation: wait.
+        await self.stack.global_db.run_query(
+            "UPDATE tasks SET run_after = %s WHERE id = %s RETURNING id", (datetime.now(UTC), down)
+        )
+        summary = await REGISTRY.run_once("rebalance", self.context())
+        self.assertEqual(summary["skipped"], "1 repair tasks pending")

@@ -63,8 +63,9 @@ C{anvil-admin worker run-once rebalance} alike (there is no per-pass
 budget that would make an unpaced pass short).
 
 Repairs run before rebalances: a pass does not start, and a running pass
-stops at its next page, while repair or evacuation tasks of the region are
-running or due (tasks backing off after failures do not hold it up, or a
+stops at its next page, while repair or evacuation tasks of the region
+(or C{member_down} checks that may turn into evacuations) are running or
+due (tasks backing off after failures do not hold it up, or a
 content that cannot be repaired would stop rebalancing for good).
 
 The daemon's loop
@@ -120,8 +121,9 @@ RETRY_AFTER = 600.0
 MIN_SLEEP = 0.05
 #: Contents read from the database per page.
 PAGE_SIZE = 200
-#: The task kinds that run before rebalancing.
-REPAIR_KINDS = ("repair", "evacuate")
+#: The task kinds that run before rebalancing (a due C{member_down} is
+#: about to become an evacuation).
+REPAIR_KINDS = ("repair", "evacuate", "member_down")
 
 
 def plan_moves(shard_map: ShardMap, alive: Sequence[str], total: int) -> dict[int, tuple[str, str]]:
@@ -191,8 +193,9 @@ def shard_bytes(content: ContentRecord) -> int:
 
 async def pending_repairs(global_db: Any, region: str, now: float) -> int:
     """
-    How many repair or evacuation tasks of a region are running or due now
-    (the task queue's table; tasks waiting out a back-off do not count).
+    How many tasks of L{REPAIR_KINDS} of a region are running or due now
+    (the task queue's table; tasks waiting out a back-off or their time do
+    not count).
 
     @param global_db: the global database.
     @param region: the region.
