@@ -698,6 +698,7 @@ class Repairer:
 
         unhealthy: dict[int, str] = {}
         joined = access.joined()
+        members = {m.node_id: m for m in access.members()}
         digest = bytes.fromhex(content.hash)
         params = ErasureParams(content.k, content.m, content.stripe_size)
         for target in shard_map.targets:
@@ -708,7 +709,7 @@ class Repairer:
             if node in removed:
                 unhealthy[index] = f"node {node} removed"
                 continue
-            member = access.member(node)
+            member = members.get(node)
             if member is None:
                 if joined:
                     unhealthy[index] = f"node {node} unknown"

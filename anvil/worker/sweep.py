@@ -92,7 +92,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from anvil.cluster.membership import MemberState
+from anvil.cluster.membership import Member, MemberState
 from anvil.meta.contents import ContentStore
 from anvil.meta.records import ContentRecord
 from anvil.metrics import Metrics
@@ -258,6 +258,7 @@ class Sweeper:
         self._default_total = default_total
         self.forced = forced
         self._joined = False
+        self._members: dict[str, Member] = {}
 
     @classmethod
     def for_node(cls, ctx: Any) -> Sweeper:
@@ -372,6 +373,8 @@ class Sweeper:
         report = SweepReport()
         counts: dict[int, int] = {n: 0 for n in range(self._default_total + 1)}
         listings = self._listings(access)
+        # One view for the whole pass (and no lookup in a list per shard).
+        self._members = {m.node_id: m for m in access.members()}
         self._joined = access.joined()
         down: set[str] = set()
         named_removed: set[str] = set()
@@ -464,7 +467,7 @@ class Sweeper:
                 named_removed.add(node)
                 reasons.append(f"{target.index} on removed {node}")
                 continue
-            member = access.member(node)
+            member = self._members.get(node)
             if member is None and not joined:
                 # This node has not joined the cluster yet: it knows no
                 # other member, which says nothing about them.
