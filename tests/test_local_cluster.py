@@ -331,7 +331,8 @@ class RealClusterTests(SynchronousTestCase):
         C{start --nodes 2} brings up PostgreSQL and two ready nodes and
         writes C{cluster.json}; C{stop-node} and C{start-node} stop and
         restart a node; SIGTERM to the command stops the nodes and
-        PostgreSQL and leaves no process behind.
+        PostgreSQL and leaves no process behind; started again on the same
+        directory the cluster has its keys and data, and C{stop} ends it.
         """
         root = os.path.join(short_tmpdir(self), "c")
         base = free_base_port(2)
@@ -354,18 +355,7 @@ class RealClusterTests(SynchronousTestCase):
 
         self.addCleanup(cleanup)
 
-        deadline = time.monotonic() + 180
-        state: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            self.assertIsNone(supervisor.poll(), open(output.name).read())
-            try:
-                state = lc.load_state(root)
-            except lc.LocalClusterError:
-                state = {}
-            if state.get("state") == "running":
-                break
-            time.sleep(0.3)
-        self.assertEqual(state.get("state"), "running", open(output.name).read())
+        state = self.wait_running(supervisor, root, output.name)
 
         nodes = state["nodes"]
         assert isinstance(nodes, list)
@@ -427,6 +417,48 @@ class RealClusterTests(SynchronousTestCase):
         self.assertEqual(postgres_processes(root), [])
         self.assertEqual(lc.load_state(root)["state"], "stopped")
         self.assertIn("Cluster stopped.", open(output.name).read())
+
+        # Started again on the same directory, the cluster keeps its keys,
+        # credentials and data; 'stop' ends it through its supervisor.
+        again = subprocess.Popen(
+            command + ["start", "--dir", root],
+            env=child_env({}),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.addCleanup(lambda: again.poll() is None and (again.kill(), again.wait()))
+        restarted_state = self.wait_running(again, root, output.name)
+        self.assertEqual(restarted_state["credentials"], creds)
+        self.assertEqual(restarted_state["secrets"], state["secrets"])
+        self.assertEqual(restarted_state["nodes"][1]["env"]["BOOTSTRAP_ADDRS"], f"127.0.0.1:{base + 101}")
+        self.assertEqual(s3.get_object(Bucket=f"bucket-{nodes[-1]['index']}", Key="k")["Body"].read(), b"hello")
+        stop = subprocess.run(command + ["stop", root], env=child_env({}), capture_output=True, text=True, timeout=120)
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertEqual(again.wait(30), 0)
+        self.assertEqual(postgres_processes(root), [])
+        for record in restarted_state["nodes"]:
+            self.assertFalse(os.path.exists(f"/proc/{record['pid']}"))
+
+    def wait_running(self, supervisor: subprocess.Popen[bytes], root: str, output: str) -> dict[str, object]:
+        """
+        Wait until the cluster's state file says C{running}, failing if the
+        command exits first.
+
+        @return: the state.
+        """
+        deadline = time.monotonic() + 180
+        state: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            self.assertIsNone(supervisor.poll(), open(output).read())
+            try:
+                state = lc.load_state(root)
+            except lc.LocalClusterError:
+                state = {}
+            if state.get("state") == "running" and state.get("supervisor_pid") == supervisor.pid:
+                return state
+            time.sleep(0.3)
+        self.fail(f"not running after 180 s:\n{open(output).read()}")
 
 
 def http_or_none(url: str) -> int | None:
