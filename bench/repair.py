@@ -25,8 +25,9 @@ temporary directory under C{/tmp}, and stopped at the end.  Then:
 Figures (MB/s is 10**6 bytes per second):
 
   - the time to full redundancy after the kill, and after the removal
-    (C{remove} mode: the repair work itself, the operator's reaction and
-    failure detection excluded);
+    (the C{anvil-admin cluster remove} command's end, or in C{auto} mode
+    the moment the global database records the node as removed): the
+    repair work itself, failure detection and the waiting excluded;
   - the shards rebuilt and their bytes (the survivors'
     C{anvil_shard_repairs_total} and C{anvil_shard_repaired_bytes_total}),
     the rebuild throughput (shard bytes written per second of repair), and
@@ -138,6 +139,19 @@ def shard_maps(regional_url: str) -> dict[str, list[str]]:
         if shards:
             maps[content_hash] = [s["node"] for s in shards]
     return maps
+
+
+def recorded_removed(global_url: str, node: str) -> bool:
+    """Whether the global database records C{node} as removed for good."""
+    import psycopg2
+
+    conn = psycopg2.connect(global_url, connect_timeout=10)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM removed_nodes WHERE node_id = %s", (node,))
+            return bool(cursor.fetchall())
+    finally:
+        conn.close()
 
 
 def shard_files(data_dir: str) -> set[tuple[str, int]]:
@@ -307,6 +321,11 @@ def measure(
         files = {node: shard_files(path) for node, path in survivor_ids.items()}
         short = missing_shards(maps, files, total)
         now = time.monotonic()
+        if removed is None and recorded_removed(state["postgres"]["global_url"], victim_id):
+            # Auto mode: the cluster declared the node gone by itself
+            # (seen within one poll).
+            removed = now
+            out(f"remove the cluster recorded node {victim} as removed {removed - killed:.1f} s after the kill")
         if short == 0 and maps:
             break
         if now > deadline:
@@ -324,7 +343,7 @@ def measure(
     out(f"full  every content back at {total} shards {since_kill:.1f} s after the kill")
     work = whole - removed if removed is not None else since_kill
     if removed is not None:
-        out(f"full  {work:.1f} s after anvil-admin cluster remove")
+        out(f"full  {work:.1f} s after the removal")
     contents = len(maps)
     out(
         f"repair {repairs:.0f} shards rebuilt, {repaired_bytes / 1e6:.1f} MB of shard blocks: "
