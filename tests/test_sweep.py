@@ -296,6 +296,17 @@ class OrphanTests(TestCase):
         self.assertEqual((report.files_checked, report.orphans_removed, report.young_orphans), (18, 7, 6))
         self.assertGreater(report.bytes_freed, 0)
 
+    async def test_empty_database_removes_nothing(self) -> None:
+        """
+        With no content recorded at all, old shard files are not taken for
+        orphans: the database is more likely wrong than the disks.
+        """
+        record = await self.write(os.urandom(20_000))
+        self.age(record, 1000)
+        report = await self.collector().run_once()
+        self.assertTrue(report.skipped)
+        self.assertEqual((report.orphans_removed, self.files(record)), (0, set(range(6))))
+
     async def test_replaced_file_is_put_back(self) -> None:
         """
         A file replaced at the same path after it was judged an orphan (a

@@ -103,6 +103,13 @@ class ContentStore:
         rows = await self._db.run_query(f"SELECT {_COLUMNS} FROM contents WHERE hash = %s", (content_hash,))
         return _record(rows[0]) if rows else None
 
+    async def any(self) -> bool:
+        """
+        Whether the table holds any content at all.
+        """
+        rows = await self._db.run_query("SELECT EXISTS (SELECT 1 FROM contents)")
+        return bool(rows[0][0])
+
     async def get_many(self, hashes: Collection[str]) -> dict[str, ShardedContent]:
         """
         The contents among C{hashes} that exist (with or without shards).

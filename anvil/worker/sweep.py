@@ -74,7 +74,9 @@ replaced while this node was unreachable, a failed write's leftovers).  An
 orphan is removed once its modification time (the commit of the file) is
 older than C{gc_grace}: a writer commits its files before it inserts the
 content row, and a repair rebuilds before it records the shard, each well
-within the grace period.  The file's inode is recorded before the database
+within the grace period.  A regional database holding no content at all
+while the node has shard files is taken for a wrong or empty database, and
+nothing is removed.  The file's inode is recorded before the database
 is asked; the removal first renames the file aside and removes it only if
 it is still that inode, so a shard committed at the same path in the
 meantime (a repair choosing this node) is put back, never lost.
@@ -543,8 +545,11 @@ class OrphanReport:
     @ivar young_orphans: orphans left because they are newer than the
         grace period.
     @ivar errors: files that could not be removed.
+    @ivar skipped: the pass removed nothing because the regional database
+        holds no content at all while this node has shard files.
     """
 
+    skipped: bool = False
     files_checked: int = 0
     orphans_removed: int = 0
     bytes_freed: int = 0
@@ -607,6 +612,21 @@ class OrphanCollector:
         One pass over every local shard file.
         """
         report = OrphanReport()
+        if not await self._contents.any():
+            # A regional database without a single content while this node
+            # holds shard files is far more likely the wrong (or a freshly
+            # restored, empty) database than a region whose every object
+            # was deleted: never empty the disks on its word.
+            first = await self._io.run(self._stat_page, "")
+            if first:
+                report.files_checked = len(first)
+                report.skipped = True
+                self._log.warn(
+                    "The regional database records no content at all but {path} holds shard files; "
+                    "orphan collection is skipped (check the database this node uses)",
+                    path=first[0][3],
+                )
+            return report
         after = ""
         while True:
             page = await self._io.run(self._stat_page, after)
