@@ -82,17 +82,29 @@ class GossipTransport:
 
         @return: fires with the response message or C{None} (204); fails
             with L{GossipRefused} on an error status, or with the connection
-            error.  Cancelling it abandons the request.
+            error.  Cancelling it (the protocol's ack timeout) abandons the
+            answer but not the request: cancelling an HTTP request aborts
+            its connection, and under load every late ack would then cost
+            the next probe a new TLS handshake, making it late too.  The
+            request itself ends by its answer, the agent's connect timeout,
+            or L{cancel_all}.
         """
-        d = Deferred.fromCoroutine(self._send(addr, message))
-        self._in_flight.add(d)
+        request = Deferred.fromCoroutine(self._send(addr, message))
+        self._in_flight.add(request)
+        answer: Deferred[Message | None] = Deferred()
 
-        def done(result: object) -> object:
-            self._in_flight.discard(d)
-            return result
+        def done(result: object) -> None:
+            self._in_flight.discard(request)
+            if not answer.called:
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)  # type: ignore[arg-type]
+            elif isinstance(result, Failure):
+                result.trap(Exception)  # abandoned: nobody waits for it
 
-        d.addBoth(done)
-        return d
+        request.addBoth(done)
+        return answer
 
     def cancel_all(self) -> None:
         """
