@@ -445,6 +445,26 @@ class RebalancerTests(_PassFixture):
         self.assertNotIn(target, {d.hex() for _, d, _ in self.engine.peers.deleted})
         self.assertNotIn(target, {d.hex() for d, _ in self.engine.shards.deleted})
 
+    def test_map_unreadable_after_move(self) -> None:
+        """
+        When the map cannot be read again before deleting, the old files are
+        kept (counted) and the pass goes on.
+        """
+        contents = self.contents
+        real_get = contents.get
+
+        def get(content_hash: str) -> Deferred[ContentRecord | None]:
+            if content_hash == hash_of(2):
+                raise ConnectionError("database gone for a moment")
+            return real_get(content_hash)
+
+        contents.get = get  # type: ignore[method-assign]
+        report = self.one_pass(self.rebalancer())
+        self.assertTrue(report.complete)
+        self.assertEqual((report.moves, report.old_left), (50, 2))
+        self.assertNotIn(hash_of(2), {d.hex() for _, d, _ in self.engine.peers.deleted})
+        self.assertNotIn(hash_of(2), {d.hex() for d, _ in self.engine.shards.deleted})
+
     def test_old_node_unreachable(self) -> None:
         """
         An old shard whose node cannot be asked is left (for the orphan

@@ -563,8 +563,18 @@ class Rebalancer:
         """
         Delete the moved shards' old files, unless the map names them again.
         """
-        current = await self._contents.get(content.hash)
-        targets = ShardMap.from_json(current.shard_map).targets if current is not None else ()
+        try:
+            current = await self._contents.get(content.hash)
+            targets = ShardMap.from_json(current.shard_map).targets if current is not None else ()
+        except Exception as e:
+            # Not knowing whether the map names them again, keep them all
+            # (the orphan collector removes them later).
+            report.old_left += len(old)
+            self._log.warn(
+                "Reading the shard map of {content_hash} again failed, old shards kept: {error}",
+                content_hash=content.hash, error=repr(e),
+            )
+            return
         named = {(t.index, t.node) for t in targets}
         digest = bytes.fromhex(content.hash)
         for index, node in sorted(old.items()):
