@@ -27,6 +27,7 @@ from anvil.worker.repair import (
     ClusterAccess,
     ContentLost,
     RepairBacklog,
+    RepairError,
     Repairer,
     shard_bytes,
 )
@@ -478,8 +479,12 @@ class RepairTests(TestCase):
     async def test_member_down(self) -> None:
         """
         A C{member_down} task records a member still down as removed and
-        evacuates it; for a member alive again it does nothing.
+        evacuates it; for a member alive again it does nothing; a node that
+        sees no other member yet judges nothing (the task is retried).
         """
+        alone = await self.queue.get(await self.queue.enqueue("member_down", {"node_id": "lost"}))
+        with self.assertRaises(RepairError):
+            await self.repairer.handle_member_down(alone)
         self.members.append(member("back"))
         for node in ("back", "lost"):
             task = await self.queue.get(await self.queue.enqueue("member_down", {"node_id": node}))

@@ -573,6 +573,10 @@ class Repairer:
         """
         node_id = str(task.payload["node_id"])
         access = await self._access()
+        if not access.joined():
+            # Just started, gossip has not told this node of the others yet:
+            # not knowing the member proves nothing.
+            raise RepairError(f"this node sees no other member yet; {node_id} is judged later")
         member = access.member(node_id)
         if member is not None and member.state in (MemberState.ALIVE, MemberState.SUSPECT):
             self._log.info("Member {node_id} is back ({state}); nothing to do", node_id=node_id,
