@@ -58,6 +58,9 @@ from anvil.web.listener import DrainingListener, track_channels
 from anvil.meta.listen import Listener
 from anvil.worker.loop import PeriodicWorker
 from anvil.worker.queue import CHANNEL as TASK_CHANNEL
+from anvil.worker.queue import TaskQueue
+from anvil.worker.repair import removed_nodes
+from anvil.worker.scrub import REPAIR_KEY
 from anvil.worker.tasks import REGISTRY, WorkerContext
 from anvil.web.readiness import Readiness
 from anvil.web.root import RootResource
@@ -312,11 +315,31 @@ class NodeService(MultiService):
             self._log.info("Removed {count} temporary shard files of interrupted uploads",
                            count=removed)
 
-        def corrupt(content_hash: object, shard_index: int, stripe: object) -> None:
-            self.metrics.shards_corrupt.inc()
-
         membership = self.membership
         region = config.node.region
+        queue = TaskQueue(metadata.global_db, self._reactor, f"{node_id}/{os.getpid()}")
+
+        def corrupt(content_hash: str, shard_index: int, stripe: object) -> None:
+            # Found by a read (here, or by a peer serving its own shard):
+            # count it and queue its repair at once (one task per shard,
+            # however many reads trip over it); the read itself went on
+            # from parity.
+            self.metrics.shards_corrupt.inc()
+            enqueue = Deferred.fromCoroutine(
+                queue.enqueue_unique(
+                    "repair",
+                    {"content_hash": content_hash, "shard_index": shard_index,
+                     "node_id": node_id, "reason": "corrupt block found on read"},
+                    REPAIR_KEY,
+                    region=region,
+                )
+            )
+            enqueue.addErrback(
+                lambda f: self._log.failure(
+                    "Queueing the repair of {content_hash}.{shard_index} failed",
+                    f, content_hash=content_hash, shard_index=shard_index,
+                )
+            )
         cluster = self.cluster = ClusterService(
             config, node_id, membership, metadata.global_db, metadata.secret_box,
             self.metrics, self._reactor,
@@ -328,9 +351,17 @@ class NodeService(MultiService):
         assert cluster.http is not None
         peers = PeerClient(cluster.http, self._reactor, config.cluster.peer_timeout, self.metrics)
 
+        removed = _RemovedNodes(metadata.global_db)
+        PeriodicWorker(removed, 30.0, self._reactor, now=True).setServiceParent(self)
+
         def candidates() -> list[str]:
-            # Members that take new shards: alive, in this node's region.
-            return [m.node_id for m in membership.alive() if m.region == region]
+            # Members that take new shards: alive, in this node's region,
+            # and not declared gone for good (a removed node that comes
+            # back would only have its new shards moved away again).
+            return [
+                m.node_id for m in membership.alive()
+                if m.region == region and m.node_id not in removed.ids
+            ]
 
         s3 = build_s3(
             config,
@@ -417,6 +448,27 @@ class NodeService(MultiService):
             self._reactor.stop()
         else:
             self._reactor.callWhenRunning(self._reactor.stop)
+
+
+class _RemovedNodes:
+    """
+    The ids of members declared gone for good (C{removed_nodes}), refreshed
+    periodically for placement.
+    """
+
+    _log = Logger()
+    name = "removed-nodes"
+
+    def __init__(self, global_db: Any) -> None:
+        self._db = global_db
+        self.ids: set[str] = set()
+
+    async def run_once(self) -> None:
+        try:
+            self.ids = await removed_nodes(self._db)
+        except Exception as e:
+            # Keep the last known set; the database may be briefly away.
+            self._log.warn("Reading the removed nodes failed: {error}", error=str(e))
 
 
 class _StopListener(Service):
