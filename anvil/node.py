@@ -329,7 +329,7 @@ class NodeService(MultiService):
                 queue.enqueue_unique(
                     "repair",
                     {"content_hash": content_hash, "shard_index": shard_index,
-                     "node_id": node_id, "reason": "corrupt block found on read"},
+                     "node_id": node_id, "reason": "read: shard unusable"},
                     REPAIR_KEY,
                     region=region,
                 )
