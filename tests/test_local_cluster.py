@@ -21,6 +21,7 @@ import psycopg2.extensions
 from twisted.trial.unittest import SynchronousTestCase
 
 from anvil.scripts import local_cluster as lc
+from tests.integration import nodeproc
 from tests.integration.nodeproc import SOURCE_ROOT, child_env, http, postgres_processes, short_tmpdir
 
 
@@ -312,8 +313,11 @@ class CommandLineTests(SynchronousTestCase):
 
 def free_base_port(nodes: int) -> int:
     """A base port whose API and cluster ports for C{nodes} nodes are free now."""
+    # In this trial worker's own slice below the ephemeral range, as
+    # tests.integration.nodeproc.free_port does.
+    low = 20000 + nodeproc._WORKER * nodeproc._SLICE
     for _ in range(200):
-        base = random.randrange(20000, 40000, 200)
+        base = random.randrange(low, low + nodeproc._SLICE - 200, 200)
         ports = [lc.api_port(base, i) for i in range(1, nodes + 1)]
         ports += [lc.cluster_port(base, i) for i in range(1, nodes + 1)]
         if not any(lc.port_in_use(p) for p in ports):

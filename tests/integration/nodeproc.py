@@ -38,10 +38,13 @@ def free_port() -> int:
     Taken below the kernel's ephemeral range (32768 and up here): a port
     from that range can be handed to any outgoing connection or C{tcp:0}
     listener (nodes talk to each other all the time) between this check and
-    the node binding it.
+    the node binding it. Each trial worker (C{--jobs}: they run in
+    C{_trial_temp/0}, C{_trial_temp/1}, ...) draws from its own slice of
+    that space, so two workers never hand out the same port.
     """
+    low = 20000 + _WORKER * _SLICE
     while True:
-        port = _ports.randrange(20000, 32000)
+        port = _ports.randrange(low, low + _SLICE)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -50,6 +53,13 @@ def free_port() -> int:
             return port
 
 
+def _worker_index() -> int:
+    name = os.path.basename(os.getcwd())
+    return int(name) % 4 if name.isdigit() else 0
+
+
+_SLICE = 3000
+_WORKER = _worker_index()
 _ports = random.Random(os.getpid() ^ int(time.time() * 1000))
 
 
