@@ -206,11 +206,13 @@ class NodeProcess:
 
     def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """
-        Run C{anvil-admin --data-dir <this node's dir> ARGS}.
+        Run C{anvil-admin --data-dir <this node's dir> ARGS} with this
+        node's environment (commands that talk to the node find its
+        cluster listener there).
         """
         result = subprocess.run(
             ADMIN + ["--data-dir", self.data_dir, *args],
-            env=child_env({}),
+            env=self.env,
             capture_output=True,
             text=True,
             timeout=120,
