@@ -317,7 +317,10 @@ class NodeService(MultiService):
 
         membership = self.membership
         region = config.node.region
-        queue = TaskQueue(metadata.global_db, self._reactor, f"{node_id}/{os.getpid()}")
+        queue = TaskQueue(
+            metadata.global_db, self._reactor, f"{node_id}/{os.getpid()}",
+            default_max_attempts=config.worker.task_max_attempts,
+        )
 
         def corrupt(content_hash: str, shard_index: int, stripe: object) -> None:
             # Found by a read (here, or by a peer serving its own shard):

@@ -10,6 +10,7 @@ without sleeping; the database connections run on the real reactor.
 from __future__ import annotations
 
 import time
+from typing import Any
 from datetime import UTC, datetime, timedelta
 
 from twisted.internet import reactor
@@ -46,7 +47,7 @@ class QueueTestMixin:
         self.addCleanup(db.close)  # type: ignore[attr-defined]
         return db
 
-    def queue(self, owner: str = "w1", db: Database | None = None, **kwargs: float) -> TaskQueue:
+    def queue(self, owner: str = "w1", db: Database | None = None, **kwargs: Any) -> TaskQueue:
         return TaskQueue(db or self.db, self.clock, owner, **kwargs)
 
     def now(self) -> datetime:
@@ -75,6 +76,21 @@ class EnqueueTests(QueueTestMixin, TestCase):
         )
         self.assertEqual(task.run_after, self.now())
         self.assertIsNone(task.lease_owner)
+
+    async def test_default_max_attempts(self) -> None:
+        """
+        A queue made with C{default_max_attempts} (the node passes
+        C{worker.task_max_attempts}) gives it to the tasks it enqueues
+        without their own, plain and unique ones alike; an explicit value
+        still wins.
+        """
+        q = self.queue(default_max_attempts=3)
+        plain = await q.get(await q.enqueue("repair", {"content_hash": "a"}))
+        unique_id, _ = await q.enqueue_unique("repair", {"content_hash": "b"}, ["content_hash"])
+        explicit = await q.get(await q.enqueue("repair", {"content_hash": "c"}, max_attempts=7))
+        self.assertEqual(
+            (plain.max_attempts, (await q.get(unique_id)).max_attempts, explicit.max_attempts), (3, 3, 7)
+        )
 
     async def test_get_unknown(self) -> None:
         """

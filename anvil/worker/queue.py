@@ -131,6 +131,7 @@ class TaskQueue:
         backoff_base: float = 1.0,
         backoff_cap: float = 3600.0,
         backoff_jitter: float = 0.1,
+        default_max_attempts: int | None = None,
     ) -> None:
         """
         @param global_db: the (migrated) global database.
@@ -144,6 +145,9 @@ class TaskQueue:
         @param backoff_jitter: each back-off is shortened by a random
             fraction up to this, so that tasks failing together do not all
             come back at the same instant.
+        @param default_max_attempts: attempts of tasks enqueued without
+            their own C{max_attempts} (C{worker.task_max_attempts});
+            C{None}: the table's default (10).
         """
         if lease_seconds <= 0:
             raise InvalidArgument(f"The task lease must be positive, not {lease_seconds}.")
@@ -154,6 +158,7 @@ class TaskQueue:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._backoff_jitter = backoff_jitter
+        self.default_max_attempts = default_max_attempts
 
     # -- helpers ----------------------------------------------------------
 
@@ -195,6 +200,8 @@ class TaskQueue:
         """
         if not kind:
             raise InvalidArgument("A task needs a kind.")
+        if max_attempts is None:
+            max_attempts = self.default_max_attempts
         if max_attempts is not None and max_attempts < 1:
             raise InvalidArgument(f"max_attempts must be at least 1, not {max_attempts}.")
         now = self._now()
@@ -253,6 +260,8 @@ class TaskQueue:
         missing = [name for name in unique_on if name not in payload]
         if missing:
             raise InvalidArgument(f"The payload lacks the key field(s) {', '.join(missing)}.")
+        if max_attempts is None:
+            max_attempts = self.default_max_attempts
         if max_attempts is not None and max_attempts < 1:
             raise InvalidArgument(f"max_attempts must be at least 1, not {max_attempts}.")
         key = {name: payload[name] for name in sorted(unique_on)}

@@ -184,7 +184,12 @@ class WorkerContext:
         an C{anvil-admin} run never looks like the node's own lease).
         """
         if self._queue is None:
-            self._queue = TaskQueue(self.global_db, self.clock, f"{self.node_id}/{os.getpid()}")
+            self._queue = TaskQueue(
+                self.global_db,
+                self.clock,
+                f"{self.node_id}/{os.getpid()}",
+                default_max_attempts=self.config.worker.task_max_attempts,
+            )
         return self._queue
 
 
