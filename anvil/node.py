@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -382,6 +383,19 @@ class NodeService(MultiService):
             peers=peers,
             directory=MembershipDirectory(membership),
         )
+        grace = config.worker.gc_grace
+
+        def collect_soon() -> None:
+            # One pending collection per region at a time; it runs once the
+            # grace period of the delete that queued it has passed (later
+            # deletes' leftovers wait for the next one, or the periodic gc).
+            due = datetime.fromtimestamp(self._reactor.seconds() + grace + 1.0, UTC)
+            queued = Deferred.fromCoroutine(
+                queue.enqueue_unique("collect", {"region": region}, ["region"], region=region, run_after=due)
+            )
+            queued.addErrback(lambda f: self._log.failure("Queueing a collection failed", f))
+
+        s3.on_delete = collect_soon
         self._shard_server = ShardServer(
             shards, io, self._reactor, on_corrupt=corrupt, authorize=request_peer,
         )

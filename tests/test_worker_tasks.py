@@ -104,7 +104,7 @@ class RegistryTests(SynchronousTestCase):
         daemon = sorted(name for name, spec in REGISTRY.workers.items() if spec.daemon)
         self.assertEqual(daemon, ["gc", "orphans", "rebalance", "scrub", "stats", "sweep", "task-stats", "tasks"])
         self.assertEqual(REGISTRY.command_names(), ["gc", "orphans", "rebalance", "repair", "scrub", "sweep"])
-        self.assertEqual(REGISTRY.task_kinds, ["evacuate", "member_down", "repair"])
+        self.assertEqual(REGISTRY.task_kinds, ["collect", "evacuate", "member_down", "repair"])
 
     def test_planned_and_unknown_refused(self) -> None:
         """

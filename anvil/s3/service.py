@@ -18,17 +18,20 @@ without DNS set-up).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from anvil.config import NodeConfig
 from anvil.meta.store import GlobalStore
 from anvil.metrics import API_S3, Metrics
 from anvil.s3.authn import Authenticator
 from anvil.s3.bucketcache import OwnerBucketCache
+
+_log = Logger()
 
 if TYPE_CHECKING:
     from anvil.meta.buckets import BucketStore
@@ -135,12 +138,27 @@ class S3Service:
         # Forwards requests for buckets of other regions (set by the node
         # once it knows the cluster's members); None: redirect instead.
         self.proxy: Any = None
+        # Told after every delete (objects, uploads, buckets): the node
+        # queues a garbage-collection task for when the grace period ends.
+        self.on_delete: Callable[[], object] | None = None
         if virtual_host_domains is None:
             virtual_host_domains = default_virtual_host_domains(config)
         self.virtual_host_domains = tuple(d.lower().rstrip(".") for d in virtual_host_domains)
         self.authenticator = Authenticator(global_store, clock, cache_seconds=secret_cache_seconds)
         self.bucket_cache = OwnerBucketCache(buckets, clock, seconds=bucket_cache_seconds)
         metrics.declare_operations(API_S3, OPERATION_NAMES)
+
+    def deleted(self) -> None:
+        """
+        Data was deleted (an object, an upload, a bucket): tell C{on_delete}
+        so the space is collected soon (a failure there is logged: the
+        periodic collection is the safety net).
+        """
+        if self.on_delete is not None:
+            try:
+                self.on_delete()
+            except Exception:
+                _log.failure("on_delete failed")
 
     def resource(self) -> S3Resource:
         """

@@ -227,6 +227,7 @@ class TaskQueue:
         unique_on: Sequence[str],
         region: str | None = None,
         max_attempts: int | None = None,
+        run_after: datetime | None = None,
     ) -> tuple[int, bool]:
         """
         Add a task unless an unfinished one (pending or running) of the same
@@ -248,6 +249,8 @@ class TaskQueue:
             example C{("content_hash", "shard_index")}.
         @param region: the region whose workers run it; C{None} for any.
         @param max_attempts: attempts before it is parked as failed.
+        @param run_after: do not run a new task before this time (default:
+            now); an unfinished task found keeps its own.
         @return: the task's id (the new one, or the unfinished one found)
             and whether it was created now.
         @raise InvalidArgument: without a kind or key field, or when the
@@ -283,7 +286,7 @@ class TaskQueue:
             await cursor.execute(
                 "INSERT INTO tasks (kind, payload, region, run_after, max_attempts, created_at, updated_at)"
                 " VALUES (%s, %s, %s, %s, COALESCE(%s, 10), %s, %s) RETURNING id",
-                (kind, Json(dict(payload)), region, now, max_attempts, now, now),
+                (kind, Json(dict(payload)), region, run_after or now, max_attempts, now, now),
             )
             task_id = int(cursor.fetchall()[0][0])
             await cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, kind))

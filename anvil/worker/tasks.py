@@ -65,12 +65,12 @@ __all__ = [
     "WorkerSpec",
 ]
 
-#: Priorities of the task kinds the design names (lower runs first):
-#: redundancy lost is repaired before anything else, deletions free space,
-#: evacuations and rebalances only move healthy shards.
+#: Priorities of the task kinds (lower runs first): redundancy lost is
+#: repaired before anything else, collections free space, evacuations and
+#: rebalances only move healthy shards.
 DEFAULT_PRIORITIES: dict[str, int] = {
     "repair": 0,
-    "delete_shards": 10,
+    "collect": 10,
     "evacuate": 20,
     "rebalance": 30,
 }
@@ -363,6 +363,20 @@ def _build_gc(ctx: WorkerContext) -> IWorkerTask:
     return RecordedGc(GarbageCollector.for_node(ctx.config, ctx.s3, ctx.clock), ctx.metrics)
 
 
+def _collect(ctx: WorkerContext) -> Any:
+    """
+    The handler of C{collect} tasks, which S3 deletes queue for the end of
+    their grace period: one garbage-collection pass, the same as the
+    periodic C{gc} worker's.
+    """
+    collector = _build_gc(ctx)
+
+    async def handle(task: Any) -> None:
+        await collector.run_once()
+
+    return handle
+
+
 def _build_scrub(ctx: WorkerContext) -> IWorkerTask:
     from anvil.worker.scrub import Scrubber
 
@@ -559,6 +573,9 @@ REGISTRY.add_worker(
 REGISTRY.add_handler("repair", lambda ctx: _repairer(ctx).handle)
 REGISTRY.add_handler("evacuate", lambda ctx: _repairer(ctx).handle_evacuate)
 REGISTRY.add_handler("member_down", lambda ctx: _repairer(ctx).handle_member_down)
-# Task handlers still to come: REGISTRY.add_handler(kind, factory) for
-# "delete_shards" as it is built.  Rebalancing is the periodic "rebalance"
-# worker above (anvil.worker.rebalance), not a task kind.
+REGISTRY.add_handler("collect", _collect)
+# Deleted contents lose their shard files on every node through the
+# collector (StorageEngine.delete_content asks the peers its shard map
+# names), so there is no separate "delete_shards" kind.  Rebalancing is the
+# periodic "rebalance" worker above (anvil.worker.rebalance), not a task
+# kind.

@@ -379,6 +379,7 @@ async def delete_bucket(call: S3Call) -> S3Response:
         raise BucketNotEmpty(BucketName=bucket.name)
     await call.service.buckets.delete_bucket(bucket.id)
     call.service.bucket_cache.forget(bucket.name)
+    call.service.deleted()
     return S3Response(204)
 
 
@@ -622,6 +623,8 @@ async def delete_objects(call: S3Call) -> S3Response:
     else:
         for key, _ in to_delete:
             await objects.delete_object(bucket.id, key)
+    if to_delete:
+        call.service.deleted()
     deleted = to_delete
     if not quiet:
         for key, version in deleted:

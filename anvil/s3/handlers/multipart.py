@@ -584,6 +584,7 @@ async def abort_multipart_upload(call: S3Call) -> S3Response:
         await call.service.objects.abort_upload(upload.upload_id)
     except NoSuchUploadError as error:
         raise _translate(error, upload.upload_id) from None
+    call.service.deleted()
     return _response(204, [], None)
 
 

@@ -799,6 +799,7 @@ async def delete_object(call: S3Call) -> S3Response:
     bucket = require_bucket(call)
     check_version_id(call)
     await call.service.objects.delete_object(bucket.id, call.key)
+    call.service.deleted()
     return _response(204, [], None)
 
 
