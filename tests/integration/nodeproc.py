@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from typing import Mapping
+from typing import Any, Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -203,6 +203,24 @@ class NodeProcess:
     def credentials(self) -> dict[str, str]:
         with open(os.path.join(self.data_dir, "credentials.json")) as f:
             return json.load(f)
+
+    def client(self) -> Any:
+        """
+        A boto3 S3 client with the node's first-start credentials (path
+        style, no retries: a failure must show, not be retried away).
+        """
+        import boto3
+        from botocore.config import Config
+
+        creds = self.credentials()
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=creds["region"],
+            aws_access_key_id=creds["access_key_id"],
+            aws_secret_access_key=creds["secret_access_key"],
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        )
 
     def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """

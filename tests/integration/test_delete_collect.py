@@ -29,22 +29,11 @@ class DeleteCollectTests(SynchronousTestCase):
         Two deletes queue one collection task (per region), due after the
         grace period; it runs and the deleted objects' shard files are gone.
         """
-        import boto3
-        from botocore.config import Config
-
         node = NodeProcess(
             self, short_tmpdir(self), {"ANVIL_GC_GRACE": "2", "ANVIL_GC_INTERVAL": "3600"}
         )
         node.start().wait_ready(90)
-        creds = node.credentials()
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=node.url,
-            region_name="us-east-1",
-            aws_access_key_id=creds["access_key_id"],
-            aws_secret_access_key=creds["secret_access_key"],
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-        )
+        client = node.client()
         client.create_bucket(Bucket="collected")
         bodies = [hashlib.sha256(bytes([i])).digest() * 8192 for i in range(2)]  # 256 KiB each
         for i, body in enumerate(bodies):

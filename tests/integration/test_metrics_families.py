@@ -80,8 +80,6 @@ class MetricFamiliesTests(SynchronousTestCase):
         corrupt counter, a repair task runs (task counters and repair
         counters move); a sweep sets the redundancy gauge.
         """
-        import boto3
-        from botocore.config import Config
         from botocore.exceptions import ClientError
 
         node = NodeProcess(
@@ -96,15 +94,7 @@ class MetricFamiliesTests(SynchronousTestCase):
         self.assertGreater(value(before, "anvil_storage_capacity_bytes", path=data_dir), 0)
         self.assertGreater(value(before, "anvil_storage_used_bytes", path=data_dir), 0)
 
-        creds = node.credentials()
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=node.url,
-            region_name="us-east-1",
-            aws_access_key_id=creds["access_key_id"],
-            aws_secret_access_key=creds["secret_access_key"],
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-        )
+        client = node.client()
         client.create_bucket(Bucket="metered")
         body = hashlib.sha256(b"metered").digest() * 8192  # 256 KiB, four stripes
         client.put_object(Bucket="metered", Key="a", Body=body)

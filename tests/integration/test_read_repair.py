@@ -30,20 +30,9 @@ class ReadRepairTests(SynchronousTestCase):
         counts the corruption and queues one repair task for that shard,
         which its task worker runs: the shard file is whole again.
         """
-        import boto3
-        from botocore.config import Config
-
         node = NodeProcess(self, short_tmpdir(self), {"ANVIL_STRIPE_SIZE": str(64 * 1024)})
         node.start().wait_ready(90)
-        creds = node.credentials()
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=node.url,
-            region_name="us-east-1",
-            aws_access_key_id=creds["access_key_id"],
-            aws_secret_access_key=creds["secret_access_key"],
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-        )
+        client = node.client()
         client.create_bucket(Bucket="data")
         body = hashlib.sha256(b"seed").digest() * 10_000  # 320 KB: sharded
         client.put_object(Bucket="data", Key="k", Body=body)
