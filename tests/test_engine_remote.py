@@ -9,7 +9,6 @@ mutual TLS of the cluster listener is tested in tests.test_cluster_*).
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 from typing import Any
 
@@ -32,23 +31,12 @@ from anvil.storage.shardfile import HEADER_SIZE
 from anvil.storage.shardstore import LocalShardStore
 from anvil.web.listener import track_channels
 from anvil.web.server import AnvilSite
+from tests.test_peer_shards import _content
 
 K, M = 4, 2
 STRIPE = 16 * 1024
 PARAMS = ErasureParams(K, M, STRIPE)
 NODES = ["1" * 32, "2" * 32, "3" * 32]
-
-
-def _content(size: int, seed: int = 1) -> bytes:
-    """
-    Deterministic pseudo-random bytes.
-    """
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 class _Directory:

@@ -426,23 +426,12 @@ class GarbageCollectionTests(SynchronousTestCase):
         object with the same content (deduplicated) stays readable until it
         is deleted too.
         """
-        import boto3
-        from botocore.config import Config
-
         data_dir = short_tmpdir(self)
         node = NodeProcess(
             self, data_dir, env={"ANVIL_GC_INTERVAL": "0.5", "ANVIL_GC_GRACE": "0"}
         ).start()
         node.wait_ready(60)
-        credentials = node.credentials()
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=node.url,
-            aws_access_key_id=credentials["access_key_id"],
-            aws_secret_access_key=credentials["secret_access_key"],
-            region_name="us-east-1",
-            config=Config(s3={"addressing_style": "path"}),
-        )
+        s3 = node.client()
         body = os.urandom(3 * 1024 * 1024 + 5)
         s3.create_bucket(Bucket="gc-bucket")
         s3.put_object(Bucket="gc-bucket", Key="a", Body=body)
@@ -473,21 +462,10 @@ class GarbageCollectionTests(SynchronousTestCase):
         idle, collects a deleted object's shard files in one pass, exits 0 and
         prints its report as JSON.
         """
-        import boto3
-        from botocore.config import Config
-
         data_dir = short_tmpdir(self)
         node = NodeProcess(self, data_dir, env={"ANVIL_GC_INTERVAL": "3600"}).start()
         node.wait_ready(60)
-        credentials = node.credentials()
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=node.url,
-            aws_access_key_id=credentials["access_key_id"],
-            aws_secret_access_key=credentials["secret_access_key"],
-            region_name="us-east-1",
-            config=Config(s3={"addressing_style": "path"}),
-        )
+        s3 = node.client()
         s3.create_bucket(Bucket="gc-once")
         s3.put_object(Bucket="gc-once", Key="a", Body=os.urandom(2 * 1024 * 1024))
         s3.delete_object(Bucket="gc-once", Key="a")
