@@ -60,6 +60,15 @@ _KEEPALIVES = {
 }
 
 
+def with_keepalives(dsn: str) -> str:
+    """
+    @return: C{dsn} with the L{_KEEPALIVES} settings it does not set itself.
+    """
+    given = psycopg2.extensions.parse_dsn(dsn)
+    extra = {k: v for k, v in _KEEPALIVES.items() if k not in given}
+    return str(psycopg2.extensions.make_dsn(dsn, **extra))
+
+
 def describe_dsn(dsn: str) -> str:
     """
     Describe where a DSN points, for messages: host, port and database, never
@@ -206,8 +215,7 @@ class Database:
             raise InvalidArgument(
                 "The database URL is not a valid libpq connection string or URL."
             ) from None
-        extra = {k: v for k, v in _KEEPALIVES.items() if k not in given}
-        self._dsn: str = psycopg2.extensions.make_dsn(dsn, **extra)
+        self._dsn: str = with_keepalives(dsn)
         self._host_to_resolve = _host_name(given)
         self._reactor = reactor
         # IReactorTime and IReactorFDSet; typed loosely because zope

@@ -21,25 +21,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg2
-import psycopg2.extensions
 from psycopg2 import sql
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
 
-from anvil.meta.database import backoff_delays, describe_dsn
-
-#: As in the pool: TCP keepalives notice a server that vanished without
-#: closing the socket, which an idle LISTEN connection would otherwise never
-#: see.  Explicit settings in the DSN win.
-_KEEPALIVES = {
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "3",
-}
-
+from anvil.meta.database import backoff_delays, describe_dsn, with_keepalives
 
 class _ListenConnection(txpostgres.Connection):  # type: ignore[misc]
     """
@@ -96,9 +84,10 @@ class Listener:
             C{""} after every (re)connection.  Exceptions are logged.
         @param connect_timeout: seconds to wait for one connection attempt.
         """
-        given = psycopg2.extensions.parse_dsn(dsn)
-        extra = {k: v for k, v in _KEEPALIVES.items() if k not in given}
-        self._dsn = psycopg2.extensions.make_dsn(dsn, **extra)
+        # As in the pool: TCP keepalives notice a server that vanished
+        # without closing the socket, which an idle LISTEN connection would
+        # otherwise never see.
+        self._dsn = with_keepalives(dsn)
         self._reactor = reactor
         self._channel = channel
         self._callback = callback
