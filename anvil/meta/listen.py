@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg2
 from psycopg2 import sql
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
