@@ -8,6 +8,7 @@ is another process, so there is no reactor in the test to keep turning.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -40,17 +41,23 @@ def free_port() -> int:
     listener (nodes talk to each other all the time) between this check and
     the node binding it. Each trial worker (C{--jobs}: they run in
     C{_trial_temp/0}, C{_trial_temp/1}, ...) draws from its own slice of
-    that space, so two workers never hand out the same port.
+    that space, so two workers never hand out the same port. Within a
+    worker a port is not handed out again soon: a cluster's ports are all
+    chosen before its first node binds any, so "free a moment ago" alone
+    could give one node's API port to another node's cluster listener.
     """
     low = 20000 + _WORKER * _SLICE
     while True:
         port = _ports.randrange(low, low + _SLICE)
+        if port in _recently_handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _recently_handed_out.append(port)
+        return port
 
 
 def _worker_index() -> int:
@@ -61,6 +68,7 @@ def _worker_index() -> int:
 _SLICE = 3000
 _WORKER = _worker_index()
 _ports = random.Random(os.getpid() ^ int(time.time() * 1000))
+_recently_handed_out: collections.deque[int] = collections.deque(maxlen=_SLICE // 3)
 
 
 def short_tmpdir(testcase: SynchronousTestCase) -> str:
