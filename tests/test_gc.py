@@ -259,6 +259,54 @@ class GarbageCollectorTests(TestCase):
         self.assertEqual((report.contents_removed, report.bytes_freed, report.shard_files_deleted), (1, 4, 0))
         self.assertIsNone(await self.content_row(content.hash))
 
+    async def test_inline_contents_collected_in_batches(self) -> None:
+        """
+        Many deleted small objects are collected in batches (two per
+        statement here), all in one pass; an inline content another object
+        still references is kept and readable.
+        """
+        for i in range(5):
+            await self.put(f"small{i}", b"tiny %d" % i)
+        await self.put("keep", b"tiny 0")
+        for i in range(5):
+            await self.objects.delete_object(self.bucket, f"small{i}")
+        self.past_grace()
+        report = await self.gc.run_once()
+        self.assertEqual((report.contents_removed, report.bytes_freed), (4, 4 * len(b"tiny 1")))
+        self.assertEqual(await self.count("SELECT count(*) FROM contents"), 1)
+        self.assertEqual(await self.read("keep"), b"tiny 0")
+
+    async def test_inline_content_locked_by_a_writer_is_skipped(self) -> None:
+        """
+        An unreferenced inline content whose row a writer holds locked is
+        left for a later pass instead of being waited for or removed.
+        """
+        content = await self.put("small", b"tiny")
+        await self.objects.delete_object(self.bucket, "small")
+        self.past_grace()
+        locked: Deferred[None] = Deferred()
+        release: Deferred[None] = Deferred()
+
+        async def hold(cursor: Any) -> None:
+            await cursor.execute(
+                "SELECT 1 FROM contents WHERE hash = %s FOR UPDATE", (content.hash,)
+            )
+            locked.callback(None)
+            await release
+
+        holding = Deferred.fromCoroutine(self.db.run_interaction(hold))
+        await locked
+        try:
+            report = await self.gc.run_once()
+        finally:
+            release.callback(None)
+            await holding
+        self.assertEqual(report.contents_removed, 0)
+        self.assertIsNotNone(await self.content_row(content.hash))
+        report = await self.gc.run_once()
+        self.assertEqual(report.contents_removed, 1)
+        self.assertIsNone(await self.content_row(content.hash))
+
     async def test_replaced_object_content_collected(self) -> None:
         """
         Replacing an object releases its old content, which is collected

@@ -17,7 +17,8 @@ removes for good, in this order:
   4. the global row of each soft-deleted bucket, once the grace period has
      passed and nothing of it is left in the regional database;
   5. contents with no reference since longer than the grace period: row
-     and shard files (inline contents have no files);
+     and shard files, one content per transaction; inline contents have no
+     files and go a batch per statement first;
   6. temporary shard files older than C{temp_file_seconds}.
 
 Every step works in batches of C{batch_size}, at most C{max_batches} per
@@ -342,6 +343,12 @@ class GarbageCollector:
         and files (see the module docstring for the order).
         """
         before = self._before(self._grace)
+        for _ in range(self._max_batches):
+            count, size = await self._objects.gc_remove_inline_contents(before, self._batch)
+            report.contents_removed += count
+            report.bytes_freed += size
+            if count < self._batch:
+                break
         for _ in range(self._max_batches):
             hashes = await self._objects.gc_unreferenced_contents(before, self._batch)
             for content_hash in hashes:
