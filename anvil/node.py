@@ -384,16 +384,33 @@ class NodeService(MultiService):
             directory=MembershipDirectory(membership),
         )
         grace = config.worker.gc_grace
+        # When the collection this node queued last will run: until then
+        # another enqueue would find it and do nothing, so a burst of
+        # deletes costs one global-database transaction, not one each.
+        queued_until = 0.0
 
         def collect_soon() -> None:
             # One pending collection per region at a time; it runs once the
             # grace period of the delete that queued it has passed (later
             # deletes' leftovers wait for the next one, or the periodic gc).
-            due = datetime.fromtimestamp(self._reactor.seconds() + grace + 1.0, UTC)
-            queued = Deferred.fromCoroutine(
-                queue.enqueue_unique("collect", {"region": region}, ["region"], region=region, run_after=due)
+            now = self._reactor.seconds()
+            if now < queued_until:
+                return
+            due = now + grace + 1.0
+
+            def queued(result: tuple[int, bool]) -> None:
+                nonlocal queued_until
+                if result[1]:
+                    queued_until = due
+
+            enqueue = Deferred.fromCoroutine(
+                queue.enqueue_unique(
+                    "collect", {"region": region}, ["region"], region=region,
+                    run_after=datetime.fromtimestamp(due, UTC),
+                )
             )
-            queued.addErrback(lambda f: self._log.failure("Queueing a collection failed", f))
+            enqueue.addCallback(queued)
+            enqueue.addErrback(lambda f: self._log.failure("Queueing a collection failed", f))
 
         s3.on_delete = collect_soon
         self._shard_server = ShardServer(
