@@ -526,6 +526,10 @@ class ObjectStoreTests(TestCase):
         self.assertTrue(await self.store.bucket_is_empty(1))
 
 
+class _Refused(Exception):
+    """A test's write condition refusing the current ETag."""
+
+
 class ConcurrencyTests(TestCase):
     """
     Writers racing on a real database through separate connections.
@@ -578,6 +582,81 @@ class ConcurrencyTests(TestCase):
         self.assertTrue(seen)
         for got in seen:
             self.assertEqual(got, made[got.etag].__class__(**{**made[got.etag].__dict__, "last_modified": got.last_modified}))
+
+    async def _racing_conditional_puts(
+        self, key: str, datas: list[bytes], condition: Any
+    ) -> list[Any]:
+        """
+        Start a conditional put of each of C{datas} to C{key} while another
+        connection holds the key's lock, so that every writer is waiting
+        for it when it is released.
+
+        @return: each write's outcome: the replaced object (or C{None}),
+            or the exception C{condition} raised.
+        """
+        blocker = await Database.connect(self.dsn, reactor, pool_size=1)
+        self.addCleanup(blocker.close)
+        watcher = await Database.connect(self.dsn, reactor, pool_size=1)
+        self.addCleanup(watcher.close)
+        writes: list[Deferred[Any]] = []
+
+        async def outcome(store: ObjectStore, data: bytes) -> Any:
+            record, content = object_of(1, key, data)
+            try:
+                return await store.put_object(record, [content], condition=condition)
+            except _Refused as e:
+                return e
+
+        async def hold(cursor: Any) -> None:
+            await cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (key,))
+            for i, data in enumerate(datas):
+                writes.append(Deferred.fromCoroutine(outcome(self.stores[i % 2], data)))
+            for _ in range(1000):
+                [(waiting,)] = await watcher.run_query(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+                )
+                if waiting == len(datas):
+                    return
+                await deferLater(reactor, 0.01)
+            self.fail("The writers never all waited for the key's lock.")
+
+        await blocker.run_interaction(hold)
+        return list(await gatherResults(writes))
+
+    async def test_conditional_puts_are_atomic(self) -> None:
+        """
+        Of two writes of one new key that both require it to be absent and
+        both wait for the key at once, exactly one is stored and the other
+        refused; of two that both require the ETag they read, likewise.
+        """
+
+        def absent(etag: str | None) -> None:
+            if etag is not None:
+                raise _Refused(etag)
+
+        outcomes = await self._racing_conditional_puts("cond", [b"first", b"second"], absent)
+        refused = [o for o in outcomes if isinstance(o, _Refused)]
+        self.assertEqual((len(refused), outcomes.count(None)), (1, 1))
+        winner = b"first" if outcomes[0] is None else b"second"
+        self.assertEqual(
+            (await self.stores[0].get_object(1, "cond")).etag, hashlib.md5(winner).hexdigest()
+        )
+
+        seen = hashlib.md5(winner).hexdigest()
+
+        def unchanged(etag: str | None) -> None:
+            if etag != seen:
+                raise _Refused(etag)
+
+        outcomes = await self._racing_conditional_puts("cond", [b"third", b"fourth"], unchanged)
+        self.assertEqual(sum(1 for o in outcomes if isinstance(o, _Refused)), 1)
+        self.assertEqual(sum(1 for o in outcomes if isinstance(o, ObjectRecord)), 1)
+        rows = await self.db.run_query(
+            "SELECT count(*) FROM objects WHERE key = 'cond' AND deleted_at IS NULL"
+        )
+        self.assertEqual(rows, [(1,)])
+        self.assertEqual(await refcount_errors(self.db), [])
 
     async def test_concurrent_put_and_delete(self) -> None:
         """

@@ -14,6 +14,7 @@ import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
 from tests.s3fixture import S3Stack
@@ -528,6 +529,28 @@ class ConditionalTests(ObjectTestCase):
         await self.put("c", b"replaced", IfMatch=self.etag)
         _, body = await self.get("c")
         self.assertEqual(body, b"replaced")
+
+
+    async def test_racing_conditional_puts(self) -> None:
+        """
+        Of several PutObject If-None-Match: * of one new key at once exactly
+        one succeeds and its body is the object; the others get 412.
+        """
+        from botocore.exceptions import ClientError
+
+        bodies = [b"racer %d" % i for i in range(6)]
+
+        def attempt(body: bytes) -> int:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key="race", Body=body, IfNoneMatch="*")
+            except ClientError as e:
+                return int(e.response["ResponseMetadata"]["HTTPStatusCode"])
+            return 200
+
+        statuses = await gatherResults([self.s3.call(attempt, body) for body in bodies])
+        self.assertEqual(sorted(statuses), [200] + [412] * 5)
+        _, stored = await self.get("race")
+        self.assertEqual(stored, bodies[statuses.index(200)])
 
 
 class OverrideTests(ObjectTestCase):

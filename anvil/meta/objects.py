@@ -93,6 +93,10 @@ from anvil.meta.records import (
 
 _T = TypeVar("_T")
 
+#: A conditional write's test (see L{ObjectStore.put_object}): called with
+#: the ETag of the key's live object, or C{None}, it raises to refuse.
+WriteCondition = Callable[[str | None], None]
+
 #: S3's minimum size of every part but the last (5 MiB).
 MIN_PART_SIZE = 5 * 1024 * 1024
 #: S3's part numbers.
@@ -824,6 +828,7 @@ class ObjectStore:
         contents: Sequence[ContentRecord],
         *,
         require_existing: Collection[str] = (),
+        condition: WriteCondition | None = None,
     ) -> ObjectRecord | None:
         """
         Make C{record} the object of its key, in one transaction: add a
@@ -836,6 +841,11 @@ class ObjectStore:
         @param contents: the contents its manifest names, each once.
         @param require_existing: hashes of contents that must already exist
             (the caller did not store them: dedup or copy).
+        @param condition: called with the ETag of the key's live object (or
+            C{None}) while the key is locked, in the transaction that
+            writes; whatever it raises abandons the write (conditional
+            writes, If-None-Match and If-Match, are atomic). A conditional
+            write costs four round trips more than the one of a plain one.
         @return: the object replaced, or C{None}.
         @raise ContentMissingError: when a content of C{require_existing}
             does not exist; nothing changed.
@@ -853,9 +863,18 @@ class ObjectStore:
         params["required"] = sorted(set(require_existing))
         args = tuple(params[name] for name in _PUT_OBJECT_NAMES)
 
+        async def put_checked(cursor: Any) -> list[tuple[Any, ...]]:
+            assert condition is not None
+            await self._check_condition(cursor, record.bucket_id, record.key, condition)
+            await cursor.execute(_PUT_OBJECT_SQL, args)
+            return list(cursor.fetchall())
+
         async def put() -> ObjectRecord | None:
             try:
-                rows = await self._db.run_query(_PUT_OBJECT_SQL, args)
+                if condition is None:
+                    rows = await self._db.run_query(_PUT_OBJECT_SQL, args)
+                else:
+                    rows = await self._db.run_interaction(put_checked)
             except psycopg2.errors.RaiseException as e:
                 if e.diag.message_hint != _CONTENT_MISSING_HINT:
                     raise
@@ -866,6 +885,27 @@ class ObjectStore:
             return None if row[3] is None else _object(row[3:])
 
         return await self._retrying(put)
+
+    @staticmethod
+    async def _check_condition(
+        cursor: Any, bucket_id: int, key: str, condition: WriteCondition
+    ) -> None:
+        """
+        Take the key's advisory lock (the one every writer of the key takes,
+        held to the end of the transaction) and apply C{condition} to the
+        ETag of its live object.
+        """
+        await cursor.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, %s))", (key, bucket_id)
+        )
+        # A statement of its own: its snapshot is taken after the lock was
+        # granted, so it sees what the previous holder committed.
+        await cursor.execute(
+            "SELECT etag FROM objects WHERE bucket_id = %s AND key = %s AND deleted_at IS NULL",
+            (bucket_id, key),
+        )
+        row = cursor.fetchone()
+        condition(None if row is None else row[0])
 
     @staticmethod
     def _object_params(record: ObjectRecord) -> dict[str, Any]:
@@ -1237,6 +1277,7 @@ class ObjectStore:
         min_part_size: int = MIN_PART_SIZE,
         checksums: Mapping[str, str] | None = None,
         last_modified: datetime | None = None,
+        condition: WriteCondition | None = None,
     ) -> ObjectRecord:
         """
         Complete a multipart upload: the listed parts become the object of
@@ -1254,6 +1295,8 @@ class ObjectStore:
             S3 layer computed from the parts'), if any.
         @param last_modified: the object's time; by default the database's
             current time.
+        @param condition: as for L{put_object}: applied to the key's live
+            object under the key's lock, before anything changes.
         @return: the new object.
         @raise NoSuchUploadError: when the upload is not in progress (also
             when it was completed already).
@@ -1284,6 +1327,8 @@ class ObjectStore:
                 raise NoSuchUploadError(upload_id)
             upload = _upload(row[:5])
             now = row[6]
+            if condition is not None:
+                await self._check_condition(cursor, upload.bucket_id, upload.key, condition)
             # A new statement: its snapshot includes every part committed
             # before the lock above was granted, and none can follow.
             await cursor.execute(

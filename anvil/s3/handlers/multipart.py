@@ -83,6 +83,7 @@ from anvil.s3.handlers.object import (
     read_slices,
     receive_content,
     require_bucket,
+    write_condition,
 )
 from anvil.s3.xml import Element, document, parse_xml
 
@@ -511,8 +512,9 @@ async def complete_multipart_upload(call: S3Call) -> S3Response:
     numbers = [number for number, _, _ in requested]
     if any(b <= a for a, b in pairwise(numbers)):
         raise InvalidPartOrder(UploadId=upload.upload_id)
-    if "if-none-match" in call.headers or "if-match" in call.headers:
-        mh.check_write_conditions(call.headers, await current_etag(call, bucket, call.key))
+    condition = write_condition(call.headers)
+    if condition is not None:
+        condition(await current_etag(call, bucket, call.key))
     parts = await _all_parts(call, upload.upload_id)
     checksums = _completed_checksum(upload, requested, parts)
     expected = _expected_full_checksum(call, upload)
@@ -528,6 +530,7 @@ async def complete_multipart_upload(call: S3Call) -> S3Response:
             [(number, etag) for number, etag, _ in requested],
             min_part_size=MIN_PART_SIZE,
             checksums=checksums,
+            condition=condition,
         )
     except (
         NoSuchUploadError,

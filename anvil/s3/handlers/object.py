@@ -37,6 +37,7 @@ engine (only the stripes a range covers).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from anvil.meta.objects import ContentMissingError
+from anvil.meta.objects import ContentMissingError, WriteCondition
 from anvil.meta.records import ContentRecord, ManifestPart, ObjectRecord, truncate_to_ms
 from anvil.s3 import metadata_headers as mh
 from anvil.s3.checksums import (
@@ -419,6 +420,17 @@ def _check_body_size(headers: Mapping[str, str], limit: int) -> int:
     return length
 
 
+def write_condition(headers: Mapping[str, str]) -> WriteCondition | None:
+    """
+    @return: the test of the request's conditional-write headers
+        (If-None-Match, If-Match) for the metadata layer to apply to the
+        key's current object, or C{None} when there are none.
+    """
+    if "if-none-match" not in headers and "if-match" not in headers:
+        return None
+    return functools.partial(mh.check_write_conditions, headers)
+
+
 async def current_etag(call: S3Call, bucket: Bucket, key: str) -> str | None:
     """
     @return: the ETag of the live object under C{key}, or C{None}.
@@ -441,16 +453,17 @@ async def put_object(call: S3Call) -> S3Response:
     headers = call.headers
     stored = mh.parse_object_headers(headers)
     _check_body_size(headers, MAX_PUT_SIZE)
-    conditional = "if-none-match" in headers or "if-match" in headers
-    if conditional:
+    condition = write_condition(headers)
+    if condition is not None:
         # Checked before the body is read so a doomed upload fails fast,
-        # and again just before the commit.
-        mh.check_write_conditions(headers, await current_etag(call, bucket, call.key))
+        # again before its shards are committed (a refusal then leaves
+        # nothing behind), and atomically with the metadata write.
+        condition(await current_etag(call, bucket, call.key))
 
     staged = await receive_content(call)
     try:
-        if conditional:
-            mh.check_write_conditions(headers, await current_etag(call, bucket, call.key))
+        if condition is not None:
+            condition(await current_etag(call, bucket, call.key))
     except BaseException:
         await _abort(staged.writer)
         raise
@@ -471,7 +484,10 @@ async def put_object(call: S3Call) -> S3Response:
 
     async def write(require_existing: bool) -> ObjectRecord | None:
         return await call.service.objects.put_object(
-            record, [content], require_existing=[content.hash] if require_existing else ()
+            record,
+            [content],
+            require_existing=[content.hash] if require_existing else (),
+            condition=condition,
         )
 
     await commit_content(call, staged, write)
@@ -876,8 +892,9 @@ async def copy_object(call: S3Call) -> S3Response:
             "The specified copy source is larger than the maximum allowable size for a "
             f"copy source: {MAX_PUT_SIZE}"
         )
-    if "if-none-match" in headers or "if-match" in headers:
-        mh.check_write_conditions(headers, await current_etag(call, bucket, call.key))
+    condition = write_condition(headers)
+    if condition is not None:
+        condition(await current_etag(call, bucket, call.key))
     if replacement is not None:
         content_type = replacement.content_type
         user_metadata = replacement.user_metadata
@@ -925,6 +942,7 @@ async def copy_object(call: S3Call) -> S3Response:
             record,
             [contents[content_hash] for content_hash in source.content_hashes],
             require_existing=source.content_hashes,
+            condition=condition,
         )
     except ContentMissingError:
         # The source was deleted and its data collected meanwhile.
