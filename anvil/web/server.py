@@ -43,7 +43,7 @@ requests in order:
 from __future__ import annotations
 
 import base64
-import os
+import random
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any
@@ -83,8 +83,12 @@ def new_request_id() -> str:
     @return: 16 upper-case hexadecimal characters from 64 random bits; a
         collision needs about 2**32 requests, and ids are only ever used to
         find one request in logs, so randomness beats coordination here.
+        The bits come from L{random} (seeded from the system at start and
+        again in a forked child), not L{os.urandom}: an id is no secret,
+        and a system call for each of two ids per request is measurable
+        in small-request rates.
     """
-    return os.urandom(8).hex().upper()
+    return "%016X" % random.getrandbits(64)
 
 
 def new_host_id() -> str:
@@ -94,9 +98,9 @@ def new_host_id() -> str:
     AWS documents this value only as an opaque token for support requests;
     SDKs copy it into errors and logs. Ours is random base64, like theirs.
 
-    @return: 44 base64 characters.
+    @return: 44 base64 characters (random bits as in L{new_request_id}).
     """
-    return base64.b64encode(os.urandom(32)).decode("ascii")
+    return base64.b64encode(random.getrandbits(256).to_bytes(32, "big")).decode("ascii")
 
 
 class AnvilRequest(Request):
@@ -471,6 +475,20 @@ class AnvilChannel(HTTPChannel):
         self._drained = 0
         self._linger: IDelayedCall | None = None
         self._ignore_input = False
+        self._host: Any = None
+
+    def getHost(self) -> Any:
+        """
+        The connection's local address, asked of the kernel once.
+
+        Every request asks for it (L{Request.__init__}), and a TCP
+        transport makes a C{getsockname} system call each time.
+
+        @return: An L{IAddress} provider.
+        """
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def connectionMade(self) -> None:
         """
