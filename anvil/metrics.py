@@ -298,6 +298,15 @@ class Metrics:
             ["healthy_shards"],
             registry=self.registry,
         )
+        self.objects_by_redundancy_state = Gauge(
+            "anvil_objects_by_redundancy_state",
+            "Contents of this region by what their healthy shards leave them, "
+            "judged with each content's own k and m, from the last sweep: full "
+            "(k+m healthy), degraded (more than k), no_spare (exactly k: one "
+            "more loss makes them unreadable), lost (fewer than k).",
+            ["state"],
+            registry=self.registry,
+        )
         self.peer_requests = Counter(
             "anvil_peer_requests",
             "Requests this node made to peers' cluster listeners, by kind "

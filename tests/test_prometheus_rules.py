@@ -24,9 +24,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from twisted.trial.unittest import SynchronousTestCase
 
 from anvil.cluster.membership import MemberState
-from anvil.config import ErasureSection
 from anvil.metrics import API_NODE, API_S3, STATUS_CLASSES, Metrics
 from anvil.worker.queue import STATES as TASK_STATES
+from anvil.worker.sweep import REDUNDANCY_STATES
 
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMETHEUS_DIR = os.path.join(SOURCE_ROOT, "etc", "prometheus")
@@ -46,7 +46,7 @@ ALERTED_FAMILIES = (
     "anvil_task_runs_total",
     "anvil_shards_missing",
     "anvil_shards_corrupt_total",
-    "anvil_objects_by_redundancy",
+    "anvil_objects_by_redundancy_state",
     "anvil_storage_used_bytes",
     "anvil_storage_capacity_bytes",
 )
@@ -81,7 +81,9 @@ TARGET_LABELS = frozenset({"job", "instance"})
 KNOWN_LABEL_VALUES = {
     "status": frozenset(STATUS_CLASSES),
     "api": frozenset({API_S3, API_NODE, "cluster"}),
-    "state": frozenset(TASK_STATES) | frozenset(s.value for s in MemberState),
+    "state": frozenset(TASK_STATES)
+    | frozenset(s.value for s in MemberState)
+    | frozenset(REDUNDANCY_STATES),
     "event": frozenset({"join", "leave", "failure", "recovery", "suspect"}),
     "outcome": frozenset({"done", "retry", "failed", "lost"}),
 }
@@ -558,26 +560,22 @@ class RulesFileTests(SynchronousTestCase, CheckReferences):
         self.assertEqual(firing, alerts)
         self.assertEqual(silent, alerts)
 
-    def test_redundancy_rules_match_default_erasure_code(self) -> None:
+    def test_redundancy_rules_need_no_erasure_code(self) -> None:
         """
-        The redundancy recording rules spell out the label values of the
-        default erasure code (PromQL cannot compare a label with a number),
-        so a changed default must change them too.
+        The redundancy recording rules read the sweep's per-content verdict
+        (which uses each content's own k and m), never shard counts, so
+        they hold for any erasure code.
         """
-        erasure = ErasureSection()
-        k, m = erasure.k, erasure.m
-        # The character classes below assume single-digit shard counts.
-        self.assertLessEqual(k + m, 10)
         expected = {
-            "anvil:objects_below_full_redundancy": ("=~", f"[0-{k + m - 1}]"),
-            "anvil:objects_without_redundancy": ("=", str(k)),
-            "anvil:objects_lost": ("=~", f"[0-{k - 1}]"),
+            "anvil:objects_below_full_redundancy": ("!=", "full"),
+            "anvil:objects_without_redundancy": ("=", "no_spare"),
+            "anvil:objects_lost": ("=", "lost"),
         }
         recorded = {r.name: r for r in rules() if r.kind == "record"}
         for name, (op, value) in expected.items():
             [ref] = selectors(recorded[name].expr)
-            self.assertEqual(ref.name, "anvil_objects_by_redundancy")
-            self.assertEqual(ref.matchers, (("healthy_shards", op, value),))
+            self.assertEqual(ref.name, "anvil_objects_by_redundancy_state")
+            self.assertEqual(ref.matchers, (("state", op, value),))
 
 
 class DashboardTests(SynchronousTestCase, CheckReferences):

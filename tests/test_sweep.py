@@ -12,7 +12,7 @@ import time
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anvil.cluster.membership import MemberState
 from anvil.meta.contents import ContentStore
@@ -21,7 +21,7 @@ from anvil.metrics import Metrics
 from anvil.storage.placement import ShardMap
 from anvil.worker.queue import TaskQueue
 from anvil.worker.repair import ClusterAccess
-from anvil.worker.sweep import OrphanCollector, Sweeper, _Listing
+from anvil.worker.sweep import OrphanCollector, Sweeper, _Listing, redundancy_state
 from tests.s3fixture import S3Stack
 from tests.test_repair import insert_content, member, shard_map
 
@@ -149,9 +149,33 @@ class SweepTests(TestCase):
             self.assertEqual(
                 self.gauge(metrics, "anvil_objects_by_redundancy", {"healthy_shards": str(label)}), expected
             )
+        self.assertEqual(report.states, {"full": 2, "degraded": 1, "no_spare": 0, "lost": 0})
+        for state, expected in {"full": 2.0, "degraded": 1.0, "no_spare": 0.0, "lost": 0.0}.items():
+            self.assertEqual(
+                self.gauge(metrics, "anvil_objects_by_redundancy_state", {"state": state}), expected
+            )
         again = await self.sweeper().run_once()
         self.assertEqual(again.repairs_enqueued, 0)
         self.assertEqual(len(healthy), 2)
+
+    async def test_states_follow_each_contents_own_code(self) -> None:
+        """
+        Losing two shards leaves a 4+2 content with no spare shard; losing
+        three makes it lost; the state gauge says so without knowing the
+        code.
+        """
+        no_spare = await self.store(os.urandom(40_000))
+        lost = await self.store(os.urandom(40_000))
+        for index in (0, 1):
+            os.unlink(self.stack.shards.locate(bytes.fromhex(no_spare.hash), index))
+        for index in (0, 1, 2):
+            os.unlink(self.stack.shards.locate(bytes.fromhex(lost.hash), index))
+        report = await self.sweeper().run_once()
+        self.assertEqual(report.states, {"full": 0, "degraded": 0, "no_spare": 1, "lost": 1})
+        self.assertEqual(report.lost, 1)
+        metrics = self.stack.metrics
+        self.assertEqual(self.gauge(metrics, "anvil_objects_by_redundancy_state", {"state": "no_spare"}), 1.0)
+        self.assertEqual(self.gauge(metrics, "anvil_objects_by_redundancy_state", {"state": "lost"}), 1.0)
 
     async def test_removed_and_never_stored_enqueue_repairs(self) -> None:
         """
@@ -220,6 +244,9 @@ class SweepTests(TestCase):
         self.assertEqual(late.shards_missing, 1)
         self.assertEqual(self.gauge(metrics[0], "anvil_shards_missing"), 1.0)
         self.assertEqual(self.gauge(metrics[0], "anvil_objects_by_redundancy", {"healthy_shards": "5"}), 1.0)
+        self.assertEqual(
+            self.gauge(metrics[0], "anvil_objects_by_redundancy_state", {"state": "degraded"}), 1.0
+        )
         self.clock.advance(0.8 * 300)
         self.assertTrue((await self.sweeper("n9", forced=False).run_once()).swept)
         self.assertTrue((await self.sweeper("n8", forced=True).run_once()).swept)
@@ -321,3 +348,22 @@ class OrphanTests(TestCase):
         self.assertEqual((removed, errors), (0, 0))
         self.assertTrue(os.path.exists(path))
         self.assertEqual(os.listdir(os.path.join(data_dir, "tmp")), [])
+
+
+class RedundancyStateTests(SynchronousTestCase):
+    """
+    L{redundancy_state} for codes other than the default.
+    """
+
+    def test_states(self) -> None:
+        """
+        Full at k+m, degraded above k, no spare at k, lost below, for any
+        k and m.
+        """
+        for k, m in ((4, 2), (8, 3), (1, 1), (10, 4)):
+            self.assertEqual(redundancy_state(k + m, k, m), "full")
+            self.assertEqual(redundancy_state(k, k, m), "no_spare")
+            self.assertEqual(redundancy_state(k - 1, k, m), "lost")
+            self.assertEqual(redundancy_state(0, k, m), "lost")
+            for healthy in range(k + 1, k + m):
+                self.assertEqual(redundancy_state(healthy, k, m), "degraded")

@@ -46,7 +46,11 @@ together) and C{anvil_objects_by_redundancy{healthy_shards="0".."k+m"}}
 (contents with shard files by their number of healthy shards; inline
 contents, kept in PostgreSQL, have no shards and are not counted; a
 content below C{k} is lost).  Every label from C{"0"} to C{"k+m"} is set
-by each pass, zeros included.
+by each pass, zeros included.  C{anvil_objects_by_redundancy_state} counts
+the same contents by what their healthy shards leave them, judged with each
+content's own C{k} and C{m} (L{redundancy_state}): alert rules use it, so
+they hold for any erasure code, and for a region holding contents written
+under several.
 
 One sweep per region per interval
 ---------------------------------
@@ -103,7 +107,7 @@ from anvil.storage.shardstore import shard_cursor
 from anvil.worker.queue import TaskQueue
 from anvil.worker.repair import AccessFactory, ClusterAccess, RepairBacklog, cluster_access, removed_nodes
 
-__all__ = ["OrphanCollector", "OrphanReport", "SweepReport", "Sweeper"]
+__all__ = ["REDUNDANCY_STATES", "OrphanCollector", "OrphanReport", "SweepReport", "Sweeper", "redundancy_state"]
 
 #: Contents per page of the sweep.
 PAGE = 500
@@ -111,6 +115,25 @@ PAGE = 500
 LIST_PAGE = 2000
 #: The share of the interval after a claim before the next may be made.
 CLAIM_SHARE = 0.8
+
+#: What a content's healthy shards leave it, in order: all C{k+m}; more
+#: than C{k}; exactly C{k} (one more loss makes it unreadable); fewer than
+#: C{k} (unreadable until shards come back).
+REDUNDANCY_STATES = ("full", "degraded", "no_spare", "lost")
+
+
+def redundancy_state(healthy: int, k: int, m: int) -> str:
+    """
+    @return: the L{REDUNDANCY_STATES} entry of a content of C{k} data and
+        C{m} parity shards that has C{healthy} healthy ones.
+    """
+    if healthy >= k + m:
+        return "full"
+    if healthy > k:
+        return "degraded"
+    if healthy == k:
+        return "no_spare"
+    return "lost"
 
 
 @dataclass
@@ -126,6 +149,7 @@ class SweepReport:
         already pending).
     @ivar lost: contents with fewer than C{k} healthy shards.
     @ivar redundancy: healthy-shard count (as a string) to contents.
+    @ivar states: L{REDUNDANCY_STATES} to contents.
     @ivar members_down: members named in shard maps that are down (dead,
         departed or unknown) and not removed.
     @ivar removed: removed members still named in shard maps.
@@ -138,6 +162,7 @@ class SweepReport:
     repairs_enqueued: int = 0
     lost: int = 0
     redundancy: dict[str, int] = field(default_factory=dict)
+    states: dict[str, int] = field(default_factory=dict)
     members_down: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     unverified_nodes: list[str] = field(default_factory=list)
@@ -320,6 +345,7 @@ class Sweeper:
             "finished_at": self._clock.seconds(),
             "shards_missing": report.shards_missing,
             "redundancy": report.redundancy,
+            "states": report.states,
             "contents": report.contents,
         }
         await self._global_db.run_operation(
@@ -340,10 +366,14 @@ class Sweeper:
         result: dict[str, Any] = rows[0][0]
         return result
 
-    def _set_gauges(self, shards_missing: int, redundancy: dict[str, int]) -> None:
+    def _set_gauges(
+        self, shards_missing: int, redundancy: dict[str, int], states: dict[str, int]
+    ) -> None:
         self._metrics.shards_missing.set(shards_missing)
         for label, count in redundancy.items():
             self._metrics.objects_by_redundancy.labels(healthy_shards=label).set(count)
+        for state in REDUNDANCY_STATES:
+            self._metrics.objects_by_redundancy_state.labels(state=state).set(states.get(state, 0))
 
     # -- the pass ---------------------------------------------------------------
 
@@ -358,8 +388,9 @@ class Sweeper:
             if result is not None:
                 report.shards_missing = int(result.get("shards_missing", 0))
                 report.redundancy = {str(k): int(v) for k, v in result.get("redundancy", {}).items()}
+                report.states = {str(k): int(v) for k, v in result.get("states", {}).items()}
                 report.contents = int(result.get("contents", 0))
-                self._set_gauges(report.shards_missing, report.redundancy)
+                self._set_gauges(report.shards_missing, report.redundancy, report.states)
             return report
         report = await self.sweep()
         await self._record(report)
@@ -374,6 +405,7 @@ class Sweeper:
         removed = await removed_nodes(self._global_db)
         report = SweepReport()
         counts: dict[int, int] = {n: 0 for n in range(self._default_total + 1)}
+        states = dict.fromkeys(REDUNDANCY_STATES, 0)
         listings = self._listings(access)
         # One view for the whole pass (and no lookup in a list per shard).
         self._members = {m.node_id: m for m in access.members()}
@@ -389,7 +421,9 @@ class Sweeper:
                 report.contents += 1
                 report.shards_missing += missing
                 counts[healthy] = counts.get(healthy, 0) + 1
-                if healthy < content.k:
+                state = redundancy_state(healthy, content.k, content.m)
+                states[state] += 1
+                if state == "lost":
                     report.lost += 1
                 if repairable:
                     report.repairs_enqueued += await backlog.add(content.hash, {"reason": f"sweep: {repairable}"})
@@ -398,10 +432,11 @@ class Sweeper:
             after = page[-1].hash
         top = max(counts)
         report.redundancy = {str(n): counts.get(n, 0) for n in range(top + 1)}
+        report.states = states
         report.members_down = sorted(down)
         report.removed = sorted(named_removed)
         report.unverified_nodes = sorted(n for n, listing in listings.items() if listing.failed)
-        self._set_gauges(report.shards_missing, report.redundancy)
+        self._set_gauges(report.shards_missing, report.redundancy, report.states)
         await self._track_down_members(access, down)
         self._log.info(
             "Sweep: {contents} contents, {missing} shards missing, {repairs} repairs enqueued, {lost} lost, "

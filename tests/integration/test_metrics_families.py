@@ -43,6 +43,7 @@ CONTRACT = {
     "anvil_rebalance_moves": set(),
     "anvil_rebalance_moved_bytes": set(),
     "anvil_objects_by_redundancy": {"healthy_shards"},
+    "anvil_objects_by_redundancy_state": {"state"},
 }
 
 
@@ -159,4 +160,6 @@ class MetricFamiliesTests(SynchronousTestCase):
         )
         _, now = scrape(node)
         self.assertEqual(value(now, "anvil_objects_by_redundancy", healthy_shards="5"), 0)
+        self.assertEqual(value(now, "anvil_objects_by_redundancy_state", state="full"), 1)
+        self.assertEqual(value(now, "anvil_objects_by_redundancy_state", state="degraded"), 0)
         self.assertEqual(value(now, "anvil_shards_missing"), 0)
