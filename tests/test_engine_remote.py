@@ -184,6 +184,31 @@ class RemoteEngineTests(TestCase):
             self.assertEqual(node.temporary_files(), [])
         self.assertEqual(await self.get(self.nodes[NODES[2]], record, STRIPE - 7, 3 * STRIPE + 9), data[STRIPE - 7 : 3 * STRIPE + 9])
 
+    async def test_range_fetches_only_its_stripes(self) -> None:
+        """
+        A range read asks peers only for blocks of the stripes the range
+        covers, not for the rest of the content.
+        """
+        data = _content(10 * STRIPE)
+        record = await self.put(self.a, data)
+        reader = self.nodes[NODES[1]]
+        asked: list[tuple[int, int, int]] = []
+        read_blocks = reader.engine.peers.read_blocks
+
+        def counting(addr: str, content_hash: bytes, index: int, params: Any, length: int,
+                     first_stripe: int, count: int) -> Any:
+            asked.append((index, first_stripe, count))
+            return read_blocks(addr, content_hash, index, params, length, first_stripe, count)
+
+        reader.engine.peers.read_blocks = counting  # type: ignore[method-assign]
+        start, stop = 3 * STRIPE + 10, 4 * STRIPE + 20
+        self.assertEqual(await self.get(reader, record, start, stop), data[start:stop])
+        self.assertTrue(asked)
+        for index, first_stripe, count in asked:
+            self.assertLess(index, K, "a parity shard was read with every data shard healthy")
+            self.assertGreaterEqual(first_stripe, 3)
+            self.assertLessEqual(first_stripe + count, 5)
+
     async def test_reads_with_a_node_down(self) -> None:
         """
         With one of three nodes down (two shards gone), every node still up
