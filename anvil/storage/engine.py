@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import secrets
 import weakref
 from collections import deque
@@ -688,8 +689,10 @@ class ContentWriter:
         self._sha256 = hashlib.sha256()
         self._hashers: tuple[_Hasher, ...] = (self._md5, self._sha256, *extra_hashers)
         # Random, so the shards of concurrent uploads spread independently;
-        # the content hash is only known at the end.
-        self._key = secrets.token_bytes(16)
+        # the content hash is only known at the end. From the random module,
+        # not the system: it places shards, it protects nothing, and most
+        # writers (inline contents) never use it.
+        self._key = random.getrandbits(128).to_bytes(16, "big")
         self.size = 0
         self.md5_digest: bytes | None = None
         self.record: ContentRecord | None = None
