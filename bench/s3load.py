@@ -276,6 +276,38 @@ class RssSampler:
         self.peak_kib = max(self.peak_kib, self.sample())
 
 
+def process_cpu_seconds(pids: Sequence[int]) -> float:
+    """
+    @return: the user plus system CPU time the processes C{pids} have used
+        so far, from /proc (a process that is gone counts 0).
+    """
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def parse_cpu_group(text: str) -> tuple[str, list[int]]:
+    """
+    Parse a C{--cpu} value, C{NAME=PID[,PID...]}.
+
+    @raise argparse.ArgumentTypeError: for anything else.
+    """
+    name, sep, pids = text.partition("=")
+    try:
+        numbers = [int(p) for p in pids.replace(" ", ",").split(",") if p]
+    except ValueError:
+        numbers = []
+    if not sep or not name or not numbers:
+        raise argparse.ArgumentTypeError(f"expected NAME=PID[,PID...], not {text!r}")
+    return name, numbers
+
+
 def load_credentials(path: str) -> dict[str, str]:
     """@return: the node's credentials.json (access key, secret, region, endpoint)."""
     with open(path) as f:
@@ -403,6 +435,7 @@ class Runner:
         self._args = args
         self._client = client
         self._pool: ProcessPoolExecutor | None = None
+        self._pids = [os.getpid()]
         if args.processes > 1:
             self._pool = ProcessPoolExecutor(
                 max_workers=args.processes,
@@ -414,6 +447,7 @@ class Runner:
             pids: set[int] = set()
             while len(pids) < args.processes:
                 pids |= set(self._pool.map(_worker_ready, range(args.processes * 2)))
+            self._pids = sorted(pids)
 
     def run(self, plan: Plan, op: str, concurrency: int | None = None) -> Figures:
         """
@@ -440,6 +474,10 @@ class Runner:
             merged.errors += result.errors
         return merged
 
+    def client_pids(self) -> list[int]:
+        """@return: the processes that run the requests."""
+        return self._pids
+
     def close(self) -> None:
         """Stop the worker processes."""
         if self._pool is not None:
@@ -459,19 +497,32 @@ def put_get(args: argparse.Namespace, client: Any, out: Callable[[str], None]) -
     digests = [body_digest(seed, args.size) for seed in seeds] if args.op != "put" else []
     plan = Plan(args.bucket, args.size, keys, seeds, digests)
     runner = Runner(args, client)
+    groups = [("client", runner.client_pids()), *args.cpu] if args.cpu else []
+
+    def timed(op: str) -> Figures:
+        before = [process_cpu_seconds(pids) for _, pids in groups]
+        figures = runner.run(plan, op)
+        if groups:
+            used = [
+                f"{name} {1000 * (process_cpu_seconds(pids) - start) / args.count:.2f}"
+                for (name, pids), start in zip(groups, before)
+            ]
+            out(f"cpu   {op:<4}  ms per request: " + "  ".join(used))
+        return figures
+
     ok = True
     try:
         if args.op == "get":
             # Nothing was written in this run: write the objects first.
             runner.run(plan, "put")
         if args.op in ("put", "both"):
-            figures = runner.run(plan, "put")
+            figures = timed("put")
             out(report("put", figures, args.count, args.size, args.concurrency))
             for error in figures.errors[:5]:
                 out(f"      {error}")
             ok = ok and not figures.errors
         if args.op in ("get", "both"):
-            figures = runner.run(plan, "get")
+            figures = timed("get")
             out(report("get", figures, args.count, args.size, args.concurrency))
             for error in figures.errors[:5]:
                 out(f"      {error}")
@@ -625,6 +676,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--list-repeat", type=int, default=3, help="listing walks to time")
     parser.add_argument(
         "--rss-pid", type=int, help="sample this process's VmRSS and print the peak"
+    )
+    parser.add_argument(
+        "--cpu",
+        type=parse_cpu_group,
+        action="append",
+        default=[],
+        metavar="NAME=PID[,PID...]",
+        help="print the CPU time these processes used per PUT and per GET (repeatable; "
+        "the client's own processes are reported as 'client')",
     )
     parser.add_argument(
         "--payload",

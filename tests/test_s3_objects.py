@@ -7,9 +7,11 @@ files, a real socket.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import os
+import re
 import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -943,6 +945,34 @@ class S3LoadSmokeTests(ObjectTestCase):
         # The objects were deleted afterwards.
         listed = await self.s3.call(self.client.list_objects_v2, Bucket="bench")
         self.assertEqual(listed["KeyCount"], 0)
+
+    async def test_cpu_per_request(self) -> None:
+        """
+        With C{--cpu}, each phase also prints the CPU time per request of the
+        named processes (here this process, which serves the stack) and of
+        the client's own.
+        """
+        status, lines = await self.run_tool(
+            "--size", "4KiB", "--count", "20", "--concurrency", "2", "--cpu", f"node={os.getpid()}"
+        )
+        self.assertEqual(status, 0, lines)
+        cpu = [line for line in lines if line.startswith("cpu ")]
+        self.assertEqual([line.split()[1] for line in cpu], ["put", "get"], lines)
+        for line in cpu:
+            match = re.fullmatch(r"cpu   (put|get)   ms per request: client ([0-9.]+)  node ([0-9.]+)", line)
+            self.assertIsNotNone(match, line)
+            assert match is not None
+            # The node here is this very process, which serves the
+            # requests: it cannot have been idle.
+            self.assertGreater(float(match.group(3)), 0)
+
+    def test_cpu_group_parsing(self) -> None:
+        """C{--cpu} takes NAME=PID[,PID...] and refuses anything else."""
+        s3load = _load_s3load()
+        self.assertEqual(s3load.parse_cpu_group("postgres=1,2,3"), ("postgres", [1, 2, 3]))
+        for bad in ("node", "=12", "node=", "node=x"):
+            with self.assertRaises(argparse.ArgumentTypeError):
+                s3load.parse_cpu_group(bad)
 
     async def test_listing(self) -> None:
         """The listing benchmark fills the keys once and walks them with both clients."""
