@@ -62,7 +62,7 @@ from anvil.worker.queue import CHANNEL as TASK_CHANNEL
 from anvil.worker.queue import TaskQueue
 from anvil.worker.repair import removed_nodes
 from anvil.worker.scrub import REPAIR_KEY
-from anvil.worker.tasks import REGISTRY, WorkerContext
+from anvil.worker.tasks import REGISTRY, WorkerContext, node_task_queue
 from anvil.web.readiness import Readiness
 from anvil.web.root import RootResource
 from anvil.web.server import AnvilSite
@@ -108,6 +108,7 @@ class NodeService(MultiService):
         self.api_port: int | None = None
         self.cluster: ClusterService | None = None
         self._shard_server: ShardServer | None = None
+        self._task_queue: TaskQueue | None = None
         self.workers: dict[str, PeriodicWorker] = {}
         self._starting: Deferred[None] | None = None
         self.failed = False
@@ -262,6 +263,7 @@ class NodeService(MultiService):
             s3=s3,
             membership=self.membership,
             cluster=self.cluster,
+            task_queue=self._task_queue,
         )
         self.workers = REGISTRY.build_services(context)
         for service in self.workers.values():
@@ -318,10 +320,9 @@ class NodeService(MultiService):
 
         membership = self.membership
         region = config.node.region
-        queue = TaskQueue(
-            metadata.global_db, self._reactor, f"{node_id}/{os.getpid()}",
-            default_max_attempts=config.worker.task_max_attempts,
-        )
+        # The node's one task queue: read-found repairs and collections are
+        # queued through it here, and its workers claim through it.
+        queue = self._task_queue = node_task_queue(config, metadata.global_db, self._reactor, node_id)
 
         def corrupt(content_hash: str, shard_index: int, stripe: object) -> None:
             # Found by a read (here, or by a peer serving its own shard):

@@ -63,6 +63,7 @@ __all__ = [
     "WorkerContext",
     "WorkerRegistry",
     "WorkerSpec",
+    "node_task_queue",
 ]
 
 #: Priorities of the task kinds (lower runs first): redundancy lost is
@@ -168,7 +169,7 @@ class WorkerContext:
     cluster: Any = None
     paced: bool = True
     handlers: TaskHandlers = field(default_factory=TaskHandlers)
-    _queue: TaskQueue | None = field(default=None, repr=False)
+    task_queue: TaskQueue | None = field(default=None, repr=False)
 
     @property
     def shards(self) -> Any:
@@ -180,17 +181,26 @@ class WorkerContext:
     @property
     def queue(self) -> TaskQueue:
         """
-        The task queue, with this process as lease owner (C{node/pid}, so
-        an C{anvil-admin} run never looks like the node's own lease).
+        The task queue: C{task_queue} when given (the node shares its own),
+        otherwise one made by L{node_task_queue} on first use.
         """
-        if self._queue is None:
-            self._queue = TaskQueue(
-                self.global_db,
-                self.clock,
-                f"{self.node_id}/{os.getpid()}",
-                default_max_attempts=self.config.worker.task_max_attempts,
-            )
-        return self._queue
+        if self.task_queue is None:
+            self.task_queue = node_task_queue(self.config, self.global_db, self.clock, self.node_id)
+        return self.task_queue
+
+
+def node_task_queue(config: Any, global_db: Any, clock: Any, node_id: str) -> TaskQueue:
+    """
+    The task queue of this process: lease owner C{node/pid} (so an
+    C{anvil-admin} run never looks like the node's own lease), and
+    C{worker.task_max_attempts} for tasks enqueued without their own.
+    """
+    return TaskQueue(
+        global_db,
+        clock,
+        f"{node_id}/{os.getpid()}",
+        default_max_attempts=config.worker.task_max_attempts,
+    )
 
 
 @dataclass(frozen=True)
