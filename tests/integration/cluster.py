@@ -38,8 +38,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+import psycopg2
 from twisted.trial.unittest import SynchronousTestCase
 
+from anvil.storage.placement import ShardMap
 from tests.integration.nodeproc import ADMIN, NodeProcess, child_env, short_tmpdir
 
 T = TypeVar("T")
@@ -52,6 +54,19 @@ FAST_GOSSIP: dict[str, str] = {
     "ANVIL_GOSSIP_INDIRECT_PROBES": "2",
     "ANVIL_SUSPICION_TIMEOUT": "1",
     "ANVIL_PEER_TIMEOUT": "5",
+}
+
+#: Gossip at the default pace, which tolerates a loaded machine (the tests
+#: run beside others): a member is declared dead five seconds after it is
+#: suspected, so a busy node is not mistaken for a dead one (whose shards
+#: readers skip and a repair takes for gone). For tests that do not wait
+#: for a failure to be detected quickly.
+PATIENT_GOSSIP: dict[str, str] = {
+    "ANVIL_GOSSIP_PERIOD": "1",
+    "ANVIL_GOSSIP_ACK_TIMEOUT": "0.5",
+    "ANVIL_GOSSIP_INDIRECT_PROBES": "2",
+    "ANVIL_SUSPICION_TIMEOUT": "5",
+    "ANVIL_PEER_TIMEOUT": "10",
 }
 
 #: A committed shard file: <hash>.<index> (temporaries end in .tmp).
@@ -400,6 +415,21 @@ class Cluster:
         """The node ids C{node} sees alive."""
         return {i for i, s in self.states(node).items() if s == "alive"}
 
+    def shard_maps(self) -> dict[str, ShardMap]:
+        """
+        Content hash to its recorded shard map, for every content with
+        shards (the regional database's C{contents.shard_map}).
+        """
+        conn = psycopg2.connect(self.env["REGIONAL_DATABASE_URL"], connect_timeout=10)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT hash, shard_map FROM contents WHERE inline_data IS NULL")
+                rows = cursor.fetchall()
+        finally:
+            conn.close()
+        maps = {h: ShardMap.from_json(m or {}) for h, m in rows}
+        return {h: m for h, m in maps.items() if m.targets}
+
     # -- S3
 
     def credentials(self) -> dict[str, str]:
@@ -476,4 +506,4 @@ def foreign_ca_files(directory: str) -> tuple[str, str]:
     return cert, key
 
 
-__all__ = ["Cluster", "ClusterNode", "FAST_GOSSIP", "child_env", "foreign_ca_files", "wait_until"]
+__all__ = ["Cluster", "ClusterNode", "FAST_GOSSIP", "PATIENT_GOSSIP", "child_env", "foreign_ca_files", "wait_until"]

@@ -22,21 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from anvil.storage.shardfile import CorruptShard, ShardReader
-from tests.integration.cluster import Cluster, ClusterNode, wait_until
+from tests.integration.cluster import PATIENT_GOSSIP, Cluster, ClusterNode, wait_until
 from tests.test_scrub import flip_byte
 
 KiB = 1024
 STRIPE = 64 * KiB
-
-#: Gossip at a patient pace: on a loaded machine fast timings make members
-#: flap, and a repair takes a member it sees dead for gone.
-PATIENT_GOSSIP: dict[str, str] = {
-    "ANVIL_GOSSIP_PERIOD": "1",
-    "ANVIL_GOSSIP_ACK_TIMEOUT": "0.5",
-    "ANVIL_GOSSIP_INDIRECT_PROBES": "2",
-    "ANVIL_SUSPICION_TIMEOUT": "5",
-    "ANVIL_PEER_TIMEOUT": "10",
-}
 
 #: Worker settings: the daemon's scrubber stays out of the way (the test
 #: runs it by hand), sweeps and task polls are frequent.
@@ -147,8 +137,7 @@ class RepairClusterCase(SynchronousTestCase):
         Content hash to the node of each shard index, for contents with
         shard files.
         """
-        rows = self.regional("SELECT hash, shard_map FROM contents WHERE inline_data IS NULL")
-        return {h: [s["node"] for s in sorted(m["shards"], key=lambda s: s["index"])] for h, m in rows}
+        return {h: [t.node for t in m.targets] for h, m in self.cluster.shard_maps().items()}
 
     def node_files(self) -> dict[str, dict[tuple[str, int], str]]:
         """

@@ -23,12 +23,11 @@ import os
 from collections import Counter
 from typing import Any
 
-import psycopg2
 from twisted.trial.unittest import SynchronousTestCase
 
 from anvil.storage.placement import ShardMap, assign
 from anvil.worker.rebalance import plan_moves
-from tests.integration.cluster import Cluster, wait_until
+from tests.integration.cluster import PATIENT_GOSSIP, Cluster, wait_until
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -44,18 +43,6 @@ def body(name: str, size: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
-#: Gossip at the default pace, which tolerates a loaded machine (the tests
-#: run beside others): a member is declared dead five seconds after it is
-#: suspected, so a busy node is not mistaken for a dead one whose shards
-#: readers skip.  Nothing here waits for a failure to be detected.
-PATIENT_GOSSIP: dict[str, str] = {
-    "ANVIL_GOSSIP_PERIOD": "1",
-    "ANVIL_GOSSIP_ACK_TIMEOUT": "0.5",
-    "ANVIL_GOSSIP_INDIRECT_PROBES": "2",
-    "ANVIL_SUSPICION_TIMEOUT": "5",
-    "ANVIL_PEER_TIMEOUT": "10",
-}
-
 #: key -> body: an inline object and sharded ones of one and many stripes.
 OBJECTS: dict[str, bytes] = {
     "inline": body("inline", 700),
@@ -64,19 +51,6 @@ OBJECTS: dict[str, bytes] = {
 }
 PARTS = [body("part-1", 5 * MiB), body("part-2", 123 * KiB)]
 MULTIPART = "multi"
-
-
-def shard_maps(cluster: Cluster) -> dict[str, ShardMap]:
-    """content hash -> recorded shard map, for contents with shards."""
-    conn = psycopg2.connect(cluster.env["REGIONAL_DATABASE_URL"], connect_timeout=10)
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute("SELECT hash, shard_map FROM contents WHERE inline_data IS NULL")
-            rows = cursor.fetchall()
-    finally:
-        conn.close()
-    maps = {h: ShardMap.from_json(m or {}) for h, m in rows}
-    return {h: m for h, m in maps.items() if m.targets}
 
 
 def shard_files(cluster: Cluster) -> set[tuple[str, str, int]]:
@@ -139,7 +113,7 @@ class RebalanceClusterTests(SynchronousTestCase):
         """
         cluster = self.cluster
         expected = self.put_objects(cluster.client())
-        before = shard_maps(cluster)
+        before = cluster.shard_maps()
         old_ids = {n.node_id for n in cluster.nodes}
         self.assertGreaterEqual(len(before), len(OBJECTS))
         for content, shard_map in before.items():
@@ -168,7 +142,7 @@ class RebalanceClusterTests(SynchronousTestCase):
         self.assertEqual(summary["contents_moved"], len(before))
         self.assertGreater(summary["moved_bytes"], 0)
 
-        after = shard_maps(cluster)
+        after = cluster.shard_maps()
         self.assertEqual(set(after), set(before))
         for content, shard_map in after.items():
             key = bytes.fromhex(shard_map.key)
@@ -211,7 +185,7 @@ class DaemonRebalanceTests(SynchronousTestCase):
         objects = {f"d-{n}": body(f"d-{n}", 70 * KiB + n * 10 * KiB) for n in range(16)}
         for key, data in objects.items():
             client.put_object(Bucket=BUCKET, Key=key, Body=data)
-        before = shard_maps(cluster)
+        before = cluster.shard_maps()
         cluster.new_node().start().wait_ready()
         cluster.wait_converged()
         all_ids = sorted(n.node_id for n in cluster.nodes)
@@ -220,7 +194,7 @@ class DaemonRebalanceTests(SynchronousTestCase):
         rebalancer = next(n for n in cluster.nodes if n.node_id == all_ids[0])
 
         def balanced() -> bool:
-            maps = shard_maps(cluster)
+            maps = cluster.shard_maps()
             return all(
                 Counter(t.node for t in m.targets) == Counter(assign(bytes.fromhex(m.key), all_ids, 3))
                 for m in maps.values()
@@ -238,7 +212,7 @@ class DaemonRebalanceTests(SynchronousTestCase):
         self.assertEqual(sum(metric(n, "anvil_rebalance_moves_total") for n in others), 0)
         # The old file goes a moment after the map changes.
         wait_until(
-            lambda: shard_files(cluster) == mapped(shard_maps(cluster)),
+            lambda: shard_files(cluster) == mapped(cluster.shard_maps()),
             30,
             "the shard files following the maps",
         )
