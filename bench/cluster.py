@@ -57,9 +57,12 @@ from anvil.scripts import local_cluster  # noqa: E402
 TARGET_RATIO = 0.60
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """
+    The options of the local cluster a benchmark starts (its size, erasure
+    code, ports, directory and further node settings), shared with
+    C{bench/repair.py}.
+    """
     parser.add_argument("--nodes", type=int, default=6, help="nodes of the cluster started (default 6)")
     parser.add_argument("--k", type=int, default=4, help="data shards (default 4)")
     parser.add_argument("--m", type=int, default=2, help="parity shards (default 2)")
@@ -67,11 +70,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dir", help="directory of the cluster started (default: a temporary one, removed after)")
     parser.add_argument("--keep-dir", action="store_true", help="do not remove the cluster's directory")
     parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="a further node setting (repeatable)"
+    )
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_cluster_arguments(parser)
+    parser.add_argument(
         "--cluster-dir",
         help="use the anvil-local-cluster already running in this directory instead of starting one",
-    )
-    parser.add_argument(
-        "--env", action="append", default=[], metavar="KEY=VALUE", help="a further node setting (repeatable)"
     )
     parser.add_argument("--size", type=s3load.parse_size, default=s3load.parse_size("64MiB"), help="object size")
     parser.add_argument("--count", type=int, default=12, help="number of objects")

@@ -60,6 +60,7 @@ import cluster as bench_cluster  # noqa: E402  (bench/cluster.py: shared helpers
 import s3load  # noqa: E402  (bench/ is not a package)
 
 from anvil.scripts import local_cluster  # noqa: E402
+from anvil.storage.placement import ShardMap  # noqa: E402
 
 #: Seconds between two looks at the shard maps and files.
 POLL = 0.5
@@ -68,15 +69,7 @@ POLL = 0.5
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", type=int, default=6, help="nodes of the cluster (default 6)")
-    parser.add_argument("--k", type=int, default=4, help="data shards (default 4)")
-    parser.add_argument("--m", type=int, default=2, help="parity shards (default 2)")
-    parser.add_argument("--base-port", type=int, default=None, help="see anvil-local-cluster (default: a free range)")
-    parser.add_argument("--dir", help="directory of the cluster (default: a temporary one, removed after)")
-    parser.add_argument("--keep-dir", action="store_true", help="do not remove the cluster's directory")
-    parser.add_argument(
-        "--env", action="append", default=[], metavar="KEY=VALUE", help="a further node setting (repeatable)"
-    )
+    bench_cluster.add_cluster_arguments(parser)
     parser.add_argument("--size", type=s3load.parse_size, default=s3load.parse_size("64MiB"), help="object size")
     parser.add_argument("--count", type=int, default=32, help="number of objects (default 32)")
     parser.add_argument("--concurrency", type=int, default=4, help="parallel requests for writing and reading")
@@ -135,9 +128,9 @@ def shard_maps(regional_url: str) -> dict[str, list[str]]:
         conn.close()
     maps = {}
     for content_hash, shard_map in rows:
-        shards = sorted((shard_map or {}).get("shards", []), key=lambda s: s["index"])
-        if shards:
-            maps[content_hash] = [s["node"] for s in shards]
+        targets = ShardMap.from_json(shard_map or {}).targets
+        if targets:
+            maps[content_hash] = [t.node for t in targets]
     return maps
 
 
