@@ -246,28 +246,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
         endpoints = [args.endpoint_node] if args.endpoint_node else nodes
         urls = {n["index"]: n["api_url"] for n in state["nodes"]}
         clients = [client_for(args, credentials, urls[i]) for i in endpoints]
-        if credentials["region"] == "us-east-1":
-            s3load.ensure_bucket(clients[0], args.bucket)
-        else:
-            from botocore.exceptions import ClientError
-
-            try:
-                clients[0].create_bucket(
-                    Bucket=args.bucket, CreateBucketConfiguration={"LocationConstraint": credentials["region"]}
-                )
-            except ClientError as e:
-                if e.response["Error"]["Code"] != "BucketAlreadyOwnedByYou":
-                    raise
-
-        run_id = f"{int(time.time())}-{os.getpid()}"
-        seeds = [random.getrandbits(63) for _ in range(args.count)]
-        plan = s3load.Plan(
-            args.bucket,
-            args.size,
-            [f"bench-cluster/{run_id}/{i:04d}" for i in range(args.count)],
-            seeds,
-            [s3load.body_digest(seed, args.size) for seed in seeds],
-        )
+        s3load.ensure_bucket(clients[0], args.bucket, credentials["region"])
+        plan = s3load.new_plan(args.bucket, args.size, args.count, "bench-cluster")
         ok = True
         _, good = phase(args, clients, plan, "put", "put", out)
         ok = ok and good

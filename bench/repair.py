@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -259,20 +258,8 @@ def measure(
     regional_url = state["postgres"]["regional_url"]
 
     clients = [bench_cluster.client_for(args, credentials, urls[i]) for i in sorted(records)]
-    region = credentials["region"]
-    if region == "us-east-1":
-        s3load.ensure_bucket(clients[0], args.bucket)
-    else:
-        clients[0].create_bucket(Bucket=args.bucket, CreateBucketConfiguration={"LocationConstraint": region})
-    run_id = f"{int(time.time())}-{os.getpid()}"
-    seeds = [random.getrandbits(63) for _ in range(args.count)]
-    plan = s3load.Plan(
-        args.bucket,
-        args.size,
-        [f"bench-repair/{run_id}/{i:04d}" for i in range(args.count)],
-        seeds,
-        [s3load.body_digest(seed, args.size) for seed in seeds],
-    )
+    s3load.ensure_bucket(clients[0], args.bucket, credentials["region"])
+    plan = s3load.new_plan(args.bucket, args.size, args.count, "bench-repair")
     _, ok = bench_cluster.phase(args, clients, plan, "put", "put", out)
     if not ok:
         return 1

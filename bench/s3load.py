@@ -347,12 +347,13 @@ def make_client(args: argparse.Namespace) -> Any:
     )
 
 
-def ensure_bucket(client: Any, bucket: str) -> None:
-    """Create the bucket unless the caller already owns it."""
+def ensure_bucket(client: Any, bucket: str, region: str = "us-east-1") -> None:
+    """Create the bucket in C{region} unless the caller already owns it."""
     from botocore.exceptions import ClientError
 
+    where = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
     try:
-        client.create_bucket(Bucket=bucket)
+        client.create_bucket(Bucket=bucket, **where)
     except ClientError as e:
         if e.response["Error"]["Code"] != "BucketAlreadyOwnedByYou":
             raise
@@ -484,18 +485,26 @@ class Runner:
             self._pool.shutdown()
 
 
+def new_plan(bucket: str, size: int, count: int, prefix: str, verify: bool = True) -> Plan:
+    """
+    The objects of one run: keys under C{prefix/<run id>/}, random body
+    seeds and, when C{verify}, the SHA-256 each GET must find (computed
+    here, before anything is timed).
+    """
+    run_id = f"{int(time.time())}-{os.getpid()}"
+    seeds = [random.getrandbits(63) for _ in range(count)]
+    keys = [f"{prefix}/{run_id}/{i:06d}" for i in range(count)]
+    digests = [body_digest(seed, size) for seed in seeds] if verify else []
+    return Plan(bucket, size, keys, seeds, digests)
+
+
 def put_get(args: argparse.Namespace, client: Any, out: Callable[[str], None]) -> bool:
     """
     The PUT and/or GET phases.
 
     @return: whether every operation succeeded and verified.
     """
-    run_id = f"{int(time.time())}-{os.getpid()}"
-    seeds = [random.getrandbits(63) for _ in range(args.count)]
-    keys = [f"s3load/{run_id}/{i:06d}" for i in range(args.count)]
-    # The expected digests are computed before anything is timed.
-    digests = [body_digest(seed, args.size) for seed in seeds] if args.op != "put" else []
-    plan = Plan(args.bucket, args.size, keys, seeds, digests)
+    plan = new_plan(args.bucket, args.size, args.count, "s3load", verify=args.op != "put")
     runner = Runner(args, client)
     groups = [("client", runner.client_pids()), *args.cpu] if args.cpu else []
 
