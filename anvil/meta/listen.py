@@ -28,6 +28,7 @@ from txpostgres import txpostgres
 
 from anvil.meta.database import backoff_delays, describe_dsn, with_keepalives
 
+
 class _ListenConnection(txpostgres.Connection):  # type: ignore[misc]
     """
     A txpostgres connection that reports its loss once, whether the socket

@@ -165,6 +165,17 @@ class TaskQueue:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
+    def _max_attempts(self, given: int | None) -> int | None:
+        """
+        @return: the attempts of a new task: C{given}, else this queue's
+            default (C{None}: the table's).
+        @raise InvalidArgument: for fewer than one.
+        """
+        max_attempts = self.default_max_attempts if given is None else given
+        if max_attempts is not None and max_attempts < 1:
+            raise InvalidArgument(f"max_attempts must be at least 1, not {max_attempts}.")
+        return max_attempts
+
     def _lease_until(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.lease_seconds)
 
@@ -200,10 +211,7 @@ class TaskQueue:
         """
         if not kind:
             raise InvalidArgument("A task needs a kind.")
-        if max_attempts is None:
-            max_attempts = self.default_max_attempts
-        if max_attempts is not None and max_attempts < 1:
-            raise InvalidArgument(f"max_attempts must be at least 1, not {max_attempts}.")
+        max_attempts = self._max_attempts(max_attempts)
         now = self._now()
 
         async def insert(cursor: Any) -> int:
@@ -263,10 +271,7 @@ class TaskQueue:
         missing = [name for name in unique_on if name not in payload]
         if missing:
             raise InvalidArgument(f"The payload lacks the key field(s) {', '.join(missing)}.")
-        if max_attempts is None:
-            max_attempts = self.default_max_attempts
-        if max_attempts is not None and max_attempts < 1:
-            raise InvalidArgument(f"max_attempts must be at least 1, not {max_attempts}.")
+        max_attempts = self._max_attempts(max_attempts)
         key = {name: payload[name] for name in sorted(unique_on)}
         lock_name = json.dumps([kind, region, key], sort_keys=True)
         now = self._now()
