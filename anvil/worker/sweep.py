@@ -366,14 +366,12 @@ class Sweeper:
         result: dict[str, Any] = rows[0][0]
         return result
 
-    def _set_gauges(
-        self, shards_missing: int, redundancy: dict[str, int], states: dict[str, int]
-    ) -> None:
-        self._metrics.shards_missing.set(shards_missing)
-        for label, count in redundancy.items():
+    def _set_gauges(self, report: SweepReport) -> None:
+        self._metrics.shards_missing.set(report.shards_missing)
+        for label, count in report.redundancy.items():
             self._metrics.objects_by_redundancy.labels(healthy_shards=label).set(count)
         for state in REDUNDANCY_STATES:
-            self._metrics.objects_by_redundancy_state.labels(state=state).set(states.get(state, 0))
+            self._metrics.objects_by_redundancy_state.labels(state=state).set(report.states.get(state, 0))
 
     # -- the pass ---------------------------------------------------------------
 
@@ -390,7 +388,7 @@ class Sweeper:
                 report.redundancy = {str(k): int(v) for k, v in result.get("redundancy", {}).items()}
                 report.states = {str(k): int(v) for k, v in result.get("states", {}).items()}
                 report.contents = int(result.get("contents", 0))
-                self._set_gauges(report.shards_missing, report.redundancy, report.states)
+                self._set_gauges(report)
             return report
         report = await self.sweep()
         await self._record(report)
@@ -436,7 +434,7 @@ class Sweeper:
         report.members_down = sorted(down)
         report.removed = sorted(named_removed)
         report.unverified_nodes = sorted(n for n, listing in listings.items() if listing.failed)
-        self._set_gauges(report.shards_missing, report.redundancy, report.states)
+        self._set_gauges(report)
         await self._track_down_members(access, down)
         self._log.info(
             "Sweep: {contents} contents, {missing} shards missing, {repairs} repairs enqueued, {lost} lost, "
