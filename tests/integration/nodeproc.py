@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Mapping
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 #: The source tree, so the child finds the same anvil and plugin as the tests.
@@ -116,6 +117,35 @@ def http(method: str, url: str, timeout: float = 10.0) -> tuple[int, dict[str, s
 
 def _lower(headers: object) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items()}  # type: ignore[attr-defined]
+
+
+#: Samples of a C{/metrics} page: (sample name, its labels) -> value.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape_metrics(url: str) -> tuple[set[str], Samples]:
+    """
+    A node's C{/metrics}, parsed with prometheus-client's parser.
+
+    @param url: the node's API URL.
+    @return: the family names and every sample.
+    """
+    status, _, body = http("GET", url + "/metrics")
+    assert status == 200, status
+    names: set[str] = set()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        names.add(family.name)
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return names, samples
+
+
+def metric_value(samples: Samples, name: str, **labels: str) -> float:
+    """
+    One sample's value, 0 when absent.
+    """
+    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 class NodeProcess:

@@ -14,15 +14,14 @@ import json
 import os
 import threading
 import time
-import urllib.request
 from typing import Any
 
 import psycopg2
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from anvil.storage.shardfile import CorruptShard, ShardReader
 from tests.integration.cluster import PATIENT_GOSSIP, Cluster, ClusterNode, wait_until
+from tests.integration.nodeproc import metric_value, scrape_metrics
 from tests.test_scrub import flip_byte
 
 KiB = 1024
@@ -38,25 +37,11 @@ WORKERS = {
 }
 
 
-def metric_samples(node: ClusterNode) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """
-    A node's C{/metrics}, parsed with prometheus-client's parser: sample
-    name and sorted labels to value.
-    """
-    with urllib.request.urlopen(node.url + "/metrics", timeout=10) as response:
-        text = response.read().decode("utf-8")
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
 def metric(node: ClusterNode, name: str, **labels: str) -> float:
     """
     One sample of a node's C{/metrics} (0 when absent).
     """
-    return metric_samples(node).get((name, tuple(sorted(labels.items()))), 0.0)
+    return metric_value(scrape_metrics(node.url)[1], name, **labels)
 
 
 class Reader:

@@ -17,11 +17,10 @@ import hashlib
 import json
 import os
 
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.cluster import wait_until
-from tests.integration.nodeproc import NodeProcess, http, short_tmpdir
+from tests.integration.nodeproc import NodeProcess, metric_value, scrape_metrics, short_tmpdir
 
 #: Family name (as parsed: counters without C{_total}) -> its label names.
 CONTRACT = {
@@ -47,27 +46,6 @@ CONTRACT = {
 }
 
 
-def scrape(node: NodeProcess) -> tuple[set[str], dict[tuple[str, frozenset[tuple[str, str]]], float]]:
-    """
-    The family names and every sample of a node's C{/metrics}.
-    """
-    status, _, body = http("GET", node.url + "/metrics")
-    assert status == 200, status
-    names, samples = set(), {}
-    for family in text_string_to_metric_families(body.decode("utf-8")):
-        names.add(family.name)
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return names, samples
-
-
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    """
-    One sample's value, 0 when absent.
-    """
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
 class MetricFamiliesTests(SynchronousTestCase):
     """
     The contract's metric families on a real node.
@@ -87,13 +65,13 @@ class MetricFamiliesTests(SynchronousTestCase):
             self, short_tmpdir(self), {"ANVIL_STRIPE_SIZE": str(64 * 1024), "ANVIL_SWEEP_INTERVAL": "2"}
         )
         node.start().wait_ready(90)
-        names, before = scrape(node)
+        names, before = scrape_metrics(node.url)
         for family in CONTRACT:
             self.assertIn(family, names)
-        self.assertEqual(value(before, "anvil_cluster_members", state="alive"), 1.0)
+        self.assertEqual(metric_value(before, "anvil_cluster_members", state="alive"), 1.0)
         data_dir = os.path.realpath(node.data_dir)
-        self.assertGreater(value(before, "anvil_storage_capacity_bytes", path=data_dir), 0)
-        self.assertGreater(value(before, "anvil_storage_used_bytes", path=data_dir), 0)
+        self.assertGreater(metric_value(before, "anvil_storage_capacity_bytes", path=data_dir), 0)
+        self.assertGreater(metric_value(before, "anvil_storage_used_bytes", path=data_dir), 0)
 
         client = node.client()
         client.create_bucket(Bucket="metered")
@@ -101,12 +79,12 @@ class MetricFamiliesTests(SynchronousTestCase):
         client.put_object(Bucket="metered", Key="a", Body=body)
         with self.assertRaises(ClientError):
             client.get_object(Bucket="metered", Key="missing")
-        _, after = scrape(node)
+        _, after = scrape_metrics(node.url)
         put_ok = dict(api="s3", operation="PutObject", status="2xx")
-        self.assertEqual(value(after, "anvil_api_requests_total", **put_ok) - value(before, "anvil_api_requests_total", **put_ok), 1)
-        self.assertEqual(value(after, "anvil_api_requests_total", api="s3", operation="GetObject", status="4xx"), 1)
+        self.assertEqual(metric_value(after, "anvil_api_requests_total", **put_ok) - metric_value(before, "anvil_api_requests_total", **put_ok), 1)
+        self.assertEqual(metric_value(after, "anvil_api_requests_total", api="s3", operation="GetObject", status="4xx"), 1)
         self.assertGreaterEqual(
-            value(after, "anvil_api_request_duration_seconds_count", api="s3", operation="PutObject"), 1
+            metric_value(after, "anvil_api_request_duration_seconds_count", api="s3", operation="PutObject"), 1
         )
 
         # Usage gauges are refreshed every 30 seconds, not per scrape.
@@ -115,11 +93,11 @@ class MetricFamiliesTests(SynchronousTestCase):
             return found[0] if found else -1.0
 
         wait_until(
-            lambda: bucket_sample("anvil_bucket_stored_bytes", scrape(node)[1]) == len(body),
+            lambda: bucket_sample("anvil_bucket_stored_bytes", scrape_metrics(node.url)[1]) == len(body),
             45,
             "anvil_bucket_stored_bytes of the bucket",
         )
-        _, now = scrape(node)
+        _, now = scrape_metrics(node.url)
         self.assertEqual(bucket_sample("anvil_bucket_objects", now), 1)
         self.assertTrue(any(n == "anvil_tenant_stored_bytes" and v >= len(body) for (n, _), v in now.items()))
 
@@ -133,20 +111,20 @@ class MetricFamiliesTests(SynchronousTestCase):
         self.assertEqual(client.get_object(Bucket="metered", Key="a")["Body"].read(), body)
 
         def repaired() -> bool:
-            _, now = scrape(node)
+            _, now = scrape_metrics(node.url)
             return (
-                value(now, "anvil_shard_repairs_total") >= 1
-                and value(now, "anvil_task_runs_total", kind="repair", outcome="done") >= 1
+                metric_value(now, "anvil_shard_repairs_total") >= 1
+                and metric_value(now, "anvil_task_runs_total", kind="repair", outcome="done") >= 1
             )
 
         wait_until(repaired, 60, "the repair of the corrupt shard, counted")
-        _, now = scrape(node)
-        self.assertGreaterEqual(value(now, "anvil_shards_corrupt_total"), 1)
-        self.assertGreater(value(now, "anvil_shard_repaired_bytes_total"), 0)
+        _, now = scrape_metrics(node.url)
+        self.assertGreaterEqual(metric_value(now, "anvil_shards_corrupt_total"), 1)
+        self.assertGreater(metric_value(now, "anvil_shard_repaired_bytes_total"), 0)
 
         def queue_gauge() -> bool:
-            _, now = scrape(node)
-            return value(now, "anvil_tasks", kind="repair", state="done") >= 1
+            _, now = scrape_metrics(node.url)
+            return metric_value(now, "anvil_tasks", kind="repair", state="done") >= 1
 
         wait_until(queue_gauge, 45, "anvil_tasks counting the done repair")
 
@@ -154,12 +132,12 @@ class MetricFamiliesTests(SynchronousTestCase):
         self.assertEqual(summary["shards_missing"], 0, summary)
         # The node's own sweep worker (every 2 s here) publishes the gauges.
         wait_until(
-            lambda: value(scrape(node)[1], "anvil_objects_by_redundancy", healthy_shards="6") == 1,
+            lambda: metric_value(scrape_metrics(node.url)[1], "anvil_objects_by_redundancy", healthy_shards="6") == 1,
             30,
             "anvil_objects_by_redundancy counting the object at full redundancy",
         )
-        _, now = scrape(node)
-        self.assertEqual(value(now, "anvil_objects_by_redundancy", healthy_shards="5"), 0)
-        self.assertEqual(value(now, "anvil_objects_by_redundancy_state", state="full"), 1)
-        self.assertEqual(value(now, "anvil_objects_by_redundancy_state", state="degraded"), 0)
-        self.assertEqual(value(now, "anvil_shards_missing"), 0)
+        _, now = scrape_metrics(node.url)
+        self.assertEqual(metric_value(now, "anvil_objects_by_redundancy", healthy_shards="5"), 0)
+        self.assertEqual(metric_value(now, "anvil_objects_by_redundancy_state", state="full"), 1)
+        self.assertEqual(metric_value(now, "anvil_objects_by_redundancy_state", state="degraded"), 0)
+        self.assertEqual(metric_value(now, "anvil_shards_missing"), 0)
